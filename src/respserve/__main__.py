@@ -1,0 +1,3 @@
+from respserve.cli import main
+
+main()

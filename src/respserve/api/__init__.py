@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI routes, error envelopes, and the converter from worker outputs to the wire."""

@@ -1,0 +1,54 @@
+"""The FastAPI application: its lifespan loads the model and starts the worker, then stops it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from respserve import __version__
+from respserve.api.errors import install_error_handlers
+from respserve.api.routes import health, models, responses
+from respserve.api.state import AppState, ServedModel
+from respserve.config import Settings
+from respserve.engine.model_source import resolve_model_source
+from respserve.engine.text_pipeline import TextPipeline
+from respserve.engine.worker import PipelineWorker
+
+logger = logging.getLogger(__name__)
+
+
+def load_text_model(settings: Settings) -> ServedModel:
+    source = resolve_model_source(settings.model, settings.cache_dir)
+    pipeline = TextPipeline.load(source, device=settings.device, dtype=settings.dtype)
+    worker = PipelineWorker(pipeline)
+    worker.start()
+    return ServedModel(
+        name=settings.served_model_name or source.name, created=int(time.time()), worker=worker
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    state = AppState(settings=settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        served = load_text_model(settings)
+        state.models[served.name] = served
+        logger.info("serving %s", served.name)
+        try:
+            yield
+        finally:
+            for model in state.models.values():
+                model.worker.stop()
+
+    app = FastAPI(title="respserve", version=__version__, lifespan=lifespan)
+    app.state.respserve = state
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(responses.router)
+    return app

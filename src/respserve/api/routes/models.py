@@ -1,0 +1,24 @@
+"""`GET /v1/models` and `GET /v1/models/{id}`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from respserve.api.state import ServedModel, StateDep
+from respserve.protocol.models import ModelCard, ModelList
+
+router = APIRouter()
+
+
+def _card(served: ServedModel) -> ModelCard:
+    return ModelCard(id=served.name, created=served.created)
+
+
+@router.get("/v1/models")
+async def list_models(state: StateDep) -> ModelList:
+    return ModelList(data=[_card(served) for served in state.models.values()])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, state: StateDep) -> ModelCard:
+    return _card(state.resolve_model(model_id))

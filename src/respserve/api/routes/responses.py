@@ -1,0 +1,80 @@
+"""`POST /v1/responses`: validate, build the prompt, run it in the worker, answer as JSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from respserve.api.chat_messages import build_chat_messages
+from respserve.api.converter import ResponseConverter, initial_resource
+from respserve.api.errors import InvalidRequestError, NotFoundError
+from respserve.api.state import AppState, ServedModel, StateDep
+from respserve.engine.generation import GenerationRequest, SamplingParams
+from respserve.engine.text_pipeline import ContextLengthExceeded
+from respserve.protocol.ids import new_id
+from respserve.protocol.request import CreateResponseRequest
+
+router = APIRouter()
+
+
+@router.post("/v1/responses", response_model=None)
+async def create_response(body: CreateResponseRequest, state: StateDep) -> JSONResponse | EventSourceResponse:
+    served = state.resolve_model(body.model)
+    if body.background:
+        raise InvalidRequestError("Background responses are not supported yet.", param="background")
+    if body.previous_response_id:
+        raise NotFoundError(
+            f"Previous response with id '{body.previous_response_id}' not found.",
+            param="previous_response_id",
+        )
+    generation = await _generation_request(body, served, state)
+    converter = ResponseConverter(initial_resource(body, served.name))
+    if body.stream:
+        return EventSourceResponse(_stream(converter, served, generation), sep="\n", ping=15)
+    async with aclosing(served.worker.generate(generation)) as outputs:
+        async for output in outputs:
+            converter.on_output(output)
+    return JSONResponse(converter.resource.to_wire())
+
+
+async def _generation_request(
+    body: CreateResponseRequest, served: ServedModel, state: AppState
+) -> GenerationRequest:
+    pipeline = served.worker.pipeline
+    messages = build_chat_messages(body, served.name, pipeline.accepts_images)
+    try:
+        # Tokenising a long prompt is CPU work: keep it off the event loop.
+        prompt = await asyncio.to_thread(pipeline.render_prompt, messages)
+    except ContextLengthExceeded as exc:
+        raise InvalidRequestError(str(exc), param="input", code="context_length_exceeded") from exc
+    room = pipeline.context_length - len(prompt)
+    max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, room)
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=body.seed,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        stop=tuple(body.stop_sequences),
+    )
+    return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling)
+
+
+async def _stream(
+    converter: ResponseConverter, served: ServedModel, generation: GenerationRequest
+) -> AsyncIterator[ServerSentEvent]:
+    for event in converter.start():
+        yield ServerSentEvent(data=event.to_wire_json(), event=event.type)
+    # Leaving this loop early (the client went away) closes the generator, which cancels the request.
+    async with aclosing(served.worker.generate(generation)) as outputs:
+        async for output in outputs:
+            for event in converter.on_output(output):
+                yield ServerSentEvent(data=event.to_wire_json(), event=event.type)
+    yield ServerSentEvent(data="[DONE]")

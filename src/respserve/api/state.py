@@ -1,0 +1,48 @@
+"""What the routes share: the settings and the served models, set up by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from respserve.api.errors import NotFoundError
+from respserve.config import Settings
+from respserve.engine.worker import PipelineWorker
+
+
+@dataclass
+class ServedModel:
+    name: str
+    created: int
+    worker: PipelineWorker
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    models: dict[str, ServedModel] = field(default_factory=dict)
+
+    @property
+    def default_model(self) -> ServedModel:
+        return next(iter(self.models.values()))
+
+    def resolve_model(self, name: str | None) -> ServedModel:
+        if not name:
+            return self.default_model
+        served = self.models.get(name)
+        if served is None:
+            raise NotFoundError(
+                f"The model '{name}' does not exist. Served models: {', '.join(self.models)}.",
+                param="model",
+                code="model_not_found",
+            )
+        return served
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.respserve
+
+
+StateDep = Annotated[AppState, Depends(get_state)]

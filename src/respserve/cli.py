@@ -1,0 +1,46 @@
+"""`respserve serve`: parse flags into Settings and run the server with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="respserve", description="An OpenAI Responses API server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a model (the embedded SmolLM2 by default)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model", help="smollm2 (default), a transformers folder, a .gguf file or a hub id")
+    serve.add_argument("--served-model-name", dest="served_model_name")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
+    serve.add_argument("--cache-dir", dest="cache_dir")
+    serve.add_argument("--max-output-tokens", dest="max_output_tokens", type=int)
+    serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--config", help="a TOML settings file (see configs/default.toml)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = vars(_parser().parse_args(argv))
+    command = args.pop("command")
+    if command == "serve":
+        import uvicorn
+
+        from respserve.api.app import create_app
+        from respserve.config import load_settings
+
+        settings = load_settings(**args)
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        uvicorn.run(
+            create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+        )
+
+
+if __name__ == "__main__":
+    main()

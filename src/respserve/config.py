@@ -1,0 +1,87 @@
+"""The one typed settings object, built from a TOML file, `RESPSERVE_*` variables and CLI flags.
+
+Precedence, lowest first: field defaults, the TOML file (`--config` or `RESPSERVE_CONFIG`), environment
+variables, then CLI flags (passed in as init arguments).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from platformdirs import user_cache_dir
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_MODEL = "smollm2"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RESPSERVE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="`smollm2` (the embedded default), a transformers folder, a .gguf file or a hub id.",
+    )
+    served_model_name: str | None = Field(
+        default=None, description="Name clients send as `model`; defaults to the model's folder name."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(user_cache_dir("respserve")),
+        description="Where converted models are kept (`RESPSERVE_CACHE_DIR`, or `RESPSERVE_CACHE`).",
+    )
+    max_output_tokens: int = Field(default=4096, ge=1, description="Cap on one response's output tokens.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Set by the CLI or RESPSERVE_CONFIG; read before the other sources (see settings_customise_sources).
+    config: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = _config_path(init_settings, env_settings)
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+
+def _config_path(*sources: PydanticBaseSettingsSource) -> Path | None:
+    for source in sources:
+        value = source().get("config")
+        if value:
+            path = Path(value)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file not found: {path}")
+            return path
+    return None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings; `overrides` are CLI flags, `None` meaning 'not given'."""
+    import os
+
+    given = {key: value for key, value in overrides.items() if value is not None}
+    # RESPSERVE_CACHE is the documented short name for the cache directory.
+    if (
+        "cache_dir" not in given
+        and "RESPSERVE_CACHE_DIR" not in os.environ
+        and os.environ.get("RESPSERVE_CACHE")
+    ):
+        given["cache_dir"] = os.environ["RESPSERVE_CACHE"]
+    return Settings(**given)

@@ -1,0 +1,62 @@
+"""What goes into the pipeline worker (`GenerationRequest`) and what comes out (`GenerationOutput`)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of the conversation, as the chat template sees it."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+class GenerationStatus(enum.Enum):
+    ACTIVE = "active"
+    END_OF_SEQUENCE = "end_of_sequence"  # the model emitted EOS or a stop string matched
+    MAXIMUM_LENGTH = "maximum_length"  # max_tokens reached
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    @property
+    def is_done(self) -> bool:
+        return self is not GenerationStatus.ACTIVE
+
+
+@dataclass
+class GenerationOutput:
+    """One step of one request: new text, and the final status once it is done."""
+
+    request_id: str
+    text: str = ""
+    final_status: GenerationStatus = GenerationStatus.ACTIVE
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    error: str | None = None
+    token_ids: list[int] = field(default_factory=list)

@@ -1,0 +1,107 @@
+"""Streaming events of `POST /v1/responses` with `stream: true`, one model per `type`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from respserve.protocol.content import LogProb, OutputText
+from respserve.protocol.items import OutputItem
+from respserve.protocol.response import ResponseResource
+
+
+class StreamEvent(BaseModel):
+    type: str
+    sequence_number: int = 0
+
+    def to_wire_json(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+
+class ResponseCreatedEvent(StreamEvent):
+    type: Literal["response.created"] = "response.created"
+    response: ResponseResource
+
+
+class ResponseInProgressEvent(StreamEvent):
+    type: Literal["response.in_progress"] = "response.in_progress"
+    response: ResponseResource
+
+
+class ResponseCompletedEvent(StreamEvent):
+    type: Literal["response.completed"] = "response.completed"
+    response: ResponseResource
+
+
+class ResponseIncompleteEvent(StreamEvent):
+    type: Literal["response.incomplete"] = "response.incomplete"
+    response: ResponseResource
+
+
+class ResponseFailedEvent(StreamEvent):
+    type: Literal["response.failed"] = "response.failed"
+    response: ResponseResource
+
+
+class OutputItemAddedEvent(StreamEvent):
+    type: Literal["response.output_item.added"] = "response.output_item.added"
+    output_index: int
+    item: OutputItem
+
+
+class OutputItemDoneEvent(StreamEvent):
+    type: Literal["response.output_item.done"] = "response.output_item.done"
+    output_index: int
+    item: OutputItem
+
+
+class ContentPartAddedEvent(StreamEvent):
+    type: Literal["response.content_part.added"] = "response.content_part.added"
+    item_id: str
+    output_index: int
+    content_index: int
+    part: OutputText
+
+
+class ContentPartDoneEvent(StreamEvent):
+    type: Literal["response.content_part.done"] = "response.content_part.done"
+    item_id: str
+    output_index: int
+    content_index: int
+    part: OutputText
+
+
+class OutputTextDeltaEvent(StreamEvent):
+    type: Literal["response.output_text.delta"] = "response.output_text.delta"
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+    logprobs: list[LogProb] = Field(default_factory=list)
+
+
+class OutputTextDoneEvent(StreamEvent):
+    type: Literal["response.output_text.done"] = "response.output_text.done"
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+    logprobs: list[LogProb] = Field(default_factory=list)
+
+
+class ErrorEventPayload(BaseModel):
+    type: str
+    code: str | None
+    message: str
+    param: str | None = None
+
+
+class ErrorEvent(StreamEvent):
+    """Open Responses nests the error in `error`; the OpenAI SDK reads `code`/`message`/`param` at the top."""
+
+    type: Literal["error"] = "error"
+    code: str | None
+    message: str
+    param: str | None = None
+    error: ErrorEventPayload

@@ -1,0 +1,9 @@
+"""Prefixed object ids, as the OpenAI API shapes them (`resp_`, `msg_`, ...)."""
+
+from __future__ import annotations
+
+import uuid
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
