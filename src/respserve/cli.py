@@ -34,12 +34,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from respserve.config import load_settings
 
         settings = load_settings(**args)
-        logging.basicConfig(
-            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        uvicorn.run(
-            create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
-        )
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
 if __name__ == "__main__":

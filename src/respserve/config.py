@@ -78,10 +78,6 @@ def load_settings(**overrides: object) -> Settings:
 
     given = {key: value for key, value in overrides.items() if value is not None}
     # RESPSERVE_CACHE is the documented short name for the cache directory.
-    if (
-        "cache_dir" not in given
-        and "RESPSERVE_CACHE_DIR" not in os.environ
-        and os.environ.get("RESPSERVE_CACHE")
-    ):
+    if "cache_dir" not in given and "RESPSERVE_CACHE_DIR" not in os.environ and os.environ.get("RESPSERVE_CACHE"):
         given["cache_dir"] = os.environ["RESPSERVE_CACHE"]
     return Settings(**given)

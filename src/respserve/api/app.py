@@ -26,9 +26,7 @@ def load_text_model(settings: Settings) -> ServedModel:
     pipeline = TextPipeline.load(source, device=settings.device, dtype=settings.dtype)
     worker = PipelineWorker(pipeline)
     worker.start()
-    return ServedModel(
-        name=settings.served_model_name or source.name, created=int(time.time()), worker=worker
-    )
+    return ServedModel(name=settings.served_model_name or source.name, created=int(time.time()), worker=worker)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -12,9 +12,7 @@ from respserve.protocol.request import CreateResponseRequest
 _TEMPLATE_ROLES = {"developer": "system"}
 
 
-def build_chat_messages(
-    request: CreateResponseRequest, model: str, accepts_images: bool
-) -> list[ChatMessage]:
+def build_chat_messages(request: CreateResponseRequest, model: str, accepts_images: bool) -> list[ChatMessage]:
     messages: list[ChatMessage] = []
     if request.instructions:
         messages.append(ChatMessage(role="system", content=request.instructions))
@@ -28,9 +26,7 @@ def build_chat_messages(
     return messages
 
 
-def _message(
-    item: InputMessage | AssistantInputMessage, param: str, model: str, accepts_images: bool
-) -> ChatMessage:
+def _message(item: InputMessage | AssistantInputMessage, param: str, model: str, accepts_images: bool) -> ChatMessage:
     role = _TEMPLATE_ROLES.get(item.role, item.role)
     if isinstance(item.content, str):
         return ChatMessage(role=role, content=item.content)

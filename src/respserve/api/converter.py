@@ -107,9 +107,7 @@ class ResponseConverter:
             self._text.append(output.text)
             events.append(
                 self._event(
-                    OutputTextDeltaEvent(
-                        item_id=self._message.id, output_index=0, content_index=0, delta=output.text
-                    )
+                    OutputTextDeltaEvent(item_id=self._message.id, output_index=0, content_index=0, delta=output.text)
                 )
             )
         if output.final_status.is_done:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,31 +45,35 @@ class ServiceUnavailableError(APIError):
     error_type = "server_error"
 
 
-def error_response(
-    status_code: int, detail: ErrorDetail, headers: dict[str, str] | None = None
-) -> JSONResponse:
+def error_response(status_code: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorEnvelope(error=detail).model_dump(), status_code=status_code, headers=headers)
 
 
-# Parts of a pydantic error location that name a union member rather than a field.
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list|dict|none|.*[\[\]:(),-].*)$")
+def param_from_location(location: Sequence[int | str], body: Any, missing: bool = False) -> str | None:
+    """('body', 'input', 'list[...]', 3, 'message:input', 'content') -> 'input[3].content'.
 
-
-def param_from_location(location: Sequence[int | str]) -> str | None:
-    """('body', 'input', 3, 'message:input', 'content') -> 'input[3].content'."""
-    param = ""
-    for part in location:
-        if isinstance(part, int):
-            param += f"[{part}]"
-        elif part != "body" and not _UNION_MEMBER.match(part):
-            param += f".{part}" if param else part
+    Pydantic puts the names of union members into error locations; walking the request body along the
+    location tells those apart from real keys. A missing field is the one key not in the body.
+    """
+    parts = list(location[1:] if location and location[0] == "body" else location)
+    param, node = "", body
+    for position, part in enumerate(parts):
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            param, node = f"{param}[{part}]", node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            param, node = f"{param}.{part}" if param else part, node[part]
+        elif missing and position == len(parts) - 1 and isinstance(part, str):
+            param = f"{param}.{part}" if param else part
     return param or None
 
 
-def _validation_detail(errors: Sequence[dict[str, Any]]) -> ErrorDetail:
+def _validation_detail(errors: Sequence[dict[str, Any]], body: Any) -> ErrorDetail:
+    def param_of(error: dict[str, Any]) -> str | None:
+        return param_from_location(error.get("loc", ()), body, missing=error.get("type") == "missing")
+
     # A union that matched no member reports one error per member: the deepest is the useful one.
-    error = max(errors, key=lambda item: len(param_from_location(item.get("loc", ())) or ""))
-    param = param_from_location(error.get("loc", ()))
+    error = max(errors, key=lambda item: len(param_of(item) or ""))
+    param = param_of(error)
     if error.get("type") == "json_invalid":
         return ErrorDetail(
             message=f"We could not parse the JSON body of your request: {error.get('msg')}",
@@ -105,7 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, _validation_detail(exc.errors()))
+        return error_response(400, _validation_detail(exc.errors(), exc.body))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -116,7 +119,5 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error", exc_info=exc)
-        detail = ErrorDetail(
-            message="The server had an error while processing your request.", type="server_error"
-        )
+        detail = ErrorDetail(message="The server had an error while processing your request.", type="server_error")
         return error_response(500, detail)

@@ -39,9 +39,7 @@ class Sampler:
         if bool(greedy.all()):
             return logits.argmax(dim=-1).cpu()
 
-        temperature = torch.tensor(
-            [row.temperature or 1.0 for row in rows], device=logits.device, dtype=logits.dtype
-        )
+        temperature = torch.tensor([row.temperature or 1.0 for row in rows], device=logits.device, dtype=logits.dtype)
         scaled = logits / temperature.unsqueeze(1)
         sorted_logits, sorted_index = scaled.sort(dim=-1, descending=True)
         sorted_logits = self._mask_top_k(sorted_logits, rows)
@@ -56,10 +54,7 @@ class Sampler:
         if all(row.token_counts is None for row in rows):
             return logits
         counts = torch.stack(
-            [
-                row.token_counts if row.token_counts is not None else torch.zeros_like(logits[0])
-                for row in rows
-            ]
+            [row.token_counts if row.token_counts is not None else torch.zeros_like(logits[0]) for row in rows]
         ).to(logits.device)
         frequency = torch.tensor([row.frequency_penalty for row in rows], device=logits.device).unsqueeze(1)
         presence = torch.tensor([row.presence_penalty for row in rows], device=logits.device).unsqueeze(1)
@@ -85,9 +80,6 @@ class Sampler:
         return probs.masked_fill(mass_before >= top_p.unsqueeze(1), 0.0)
 
     def _uniforms(self, rows: list[SamplingRow]) -> torch.Tensor:
-        draws = [
-            torch.rand(1, generator=row.generator or self._default_generator, dtype=torch.float64)
-            for row in rows
-        ]
+        draws = [torch.rand(1, generator=row.generator or self._default_generator, dtype=torch.float64) for row in rows]
         # Just below 1 so searchsorted never runs past the last kept token.
         return torch.cat(draws).clamp_(max=1.0 - 1e-7).float()

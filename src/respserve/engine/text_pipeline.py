@@ -20,9 +20,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 class ContextLengthExceeded(ValueError):
     def __init__(self, prompt_tokens: int, context_length: int) -> None:
-        super().__init__(
-            f"the input is {prompt_tokens} tokens, and this model's context is {context_length} tokens"
-        )
+        super().__init__(f"the input is {prompt_tokens} tokens, and this model's context is {context_length} tokens")
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
 
@@ -95,9 +93,7 @@ class TextPipeline:
         """Runs the prompt through the model into a fresh cache; returns the last position's logits [1, V]."""
         sequence.cache = DynamicCache(config=self.model.config)
         input_ids = torch.tensor([sequence.prompt_token_ids], device=self.device)
-        out = self.model(
-            input_ids=input_ids, past_key_values=sequence.cache, use_cache=True, logits_to_keep=1
-        )
+        out = self.model(input_ids=input_ids, past_key_values=sequence.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
     @torch.inference_mode()

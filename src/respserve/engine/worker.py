@@ -73,6 +73,10 @@ class PipelineWorker:
                 if not finished:
                     self._cancelled.add(request.request_id)
 
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
     def cancel(self, request_id: str) -> None:
         with self._lock:
             self._cancelled.add(request_id)

@@ -41,8 +41,7 @@ def _item_tag(value: Any) -> str | None:
 
 
 InputItem = Annotated[
-    Annotated[InputMessage, Tag("message:input")]
-    | Annotated[AssistantInputMessage, Tag("message:assistant")],
+    Annotated[InputMessage, Tag("message:input")] | Annotated[AssistantInputMessage, Tag("message:assistant")],
     Discriminator(_item_tag, custom_error_type="invalid_item", custom_error_message="unsupported input item"),
 ]
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing
+from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -16,6 +17,7 @@ from respserve.api.errors import InvalidRequestError, NotFoundError
 from respserve.api.state import AppState, ServedModel, StateDep
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.text_pipeline import ContextLengthExceeded
+from respserve.protocol.events import StreamEvent
 from respserve.protocol.ids import new_id
 from respserve.protocol.request import CreateResponseRequest
 
@@ -23,7 +25,9 @@ router = APIRouter()
 
 
 @router.post("/v1/responses", response_model=None)
-async def create_response(body: CreateResponseRequest, state: StateDep) -> JSONResponse | EventSourceResponse:
+async def create_response(
+    body: CreateResponseRequest, http_request: Request, state: StateDep
+) -> JSONResponse | EventSourceResponse:
     served = state.resolve_model(body.model)
     if body.background:
         raise InvalidRequestError("Background responses are not supported yet.", param="background")
@@ -36,15 +40,36 @@ async def create_response(body: CreateResponseRequest, state: StateDep) -> JSONR
     converter = ResponseConverter(initial_resource(body, served.name))
     if body.stream:
         return EventSourceResponse(_stream(converter, served, generation), sep="\n", ping=15)
-    async with aclosing(served.worker.generate(generation)) as outputs:
-        async for output in outputs:
-            converter.on_output(output)
+    await _run_until_disconnect(_collect(converter, served, generation), http_request)
     return JSONResponse(converter.resource.to_wire())
 
 
-async def _generation_request(
-    body: CreateResponseRequest, served: ServedModel, state: AppState
-) -> GenerationRequest:
+async def _collect(converter: ResponseConverter, served: ServedModel, generation: GenerationRequest) -> None:
+    async with aclosing(served.worker.generate(generation)) as outputs:
+        async for output in outputs:
+            converter.on_output(output)
+
+
+async def _run_until_disconnect(work: Coroutine[Any, Any, None], http_request: Request) -> None:
+    """Runs `work`, cancelling it (and so its generation) if the client hangs up first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(http_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    await task
+
+
+async def _disconnected(http_request: Request) -> None:
+    # The body has been read, so the next ASGI message can only be the disconnect.
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _generation_request(body: CreateResponseRequest, served: ServedModel, state: AppState) -> GenerationRequest:
     pipeline = served.worker.pipeline
     messages = build_chat_messages(body, served.name, pipeline.accepts_images)
     try:
@@ -71,10 +96,14 @@ async def _stream(
     converter: ResponseConverter, served: ServedModel, generation: GenerationRequest
 ) -> AsyncIterator[ServerSentEvent]:
     for event in converter.start():
-        yield ServerSentEvent(data=event.to_wire_json(), event=event.type)
+        yield _frame(event)
     # Leaving this loop early (the client went away) closes the generator, which cancels the request.
     async with aclosing(served.worker.generate(generation)) as outputs:
         async for output in outputs:
             for event in converter.on_output(output):
-                yield ServerSentEvent(data=event.to_wire_json(), event=event.type)
-    yield ServerSentEvent(data="[DONE]")
+                yield _frame(event)
+    yield ServerSentEvent(data="[DONE]", sep="\n")
+
+
+def _frame(event: StreamEvent) -> ServerSentEvent:
+    return ServerSentEvent(data=event.to_wire_json(), event=event.type, sep="\n")

@@ -1,0 +1,144 @@
+"""Shared fixtures: one real server with the real default model for the whole session."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from respserve.api.app import create_app
+from respserve.api.state import AppState
+from respserve.config import Settings, load_settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SPEC_PATH = Path(
+    os.environ.get(
+        "RESPSERVE_SPEC",
+        Path(__file__).resolve().parents[2] / "shared" / "spec" / "openresponses-openapi.json",
+    )
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    app: FastAPI
+    base_url: str
+
+    @property
+    def state(self) -> AppState:
+        return self.app.state.respserve
+
+    @property
+    def model(self) -> str:
+        return self.state.default_model.name
+
+
+def start_server(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, RunningServer]:
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300  # the first run converts the GGUF
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    return server, thread, RunningServer(app=app, base_url=f"http://127.0.0.1:{settings.port}")
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[RunningServer]:
+    uv_server, thread, running = start_server(load_settings(port=free_port()))
+    yield running
+    uv_server.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="test", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        yield client
+
+
+class OpenResponsesSchema:
+    """Validates bodies and stream events against the Open Responses OpenAPI document."""
+
+    def __init__(self, path: Path) -> None:
+        spec = json.loads(path.read_text())
+        self._components = spec["components"]
+        self._event_schemas: dict[str, str] = {}
+        for name, schema in self._components["schemas"].items():
+            if name.endswith("StreamingEvent"):
+                event_type = schema["properties"]["type"]["enum"][0]
+                self._event_schemas[event_type] = name
+
+    def _validate(self, instance: Any, schema_name: str) -> None:
+        schema = {"$ref": f"#/components/schemas/{schema_name}", "components": self._components}
+        jsonschema.Draft202012Validator(schema).validate(instance)
+
+    def response(self, body: dict[str, Any]) -> None:
+        self._validate(body, "ResponseResource")
+
+    def event(self, event: dict[str, Any]) -> None:
+        assert event["type"] in self._event_schemas, f"unknown event type {event['type']}"
+        self._validate(event, self._event_schemas[event["type"]])
+
+
+@pytest.fixture(scope="session")
+def schema() -> OpenResponsesSchema:
+    return OpenResponsesSchema(SPEC_PATH)
+
+
+@dataclass
+class SseFrame:
+    event: str | None
+    data: str
+
+
+def parse_sse(text: str) -> list[SseFrame]:
+    frames = []
+    for block in text.split("\n\n"):
+        event, data = None, []
+        for line in block.splitlines():
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: "):
+                data.append(line[len("data: ") :])
+        if data:
+            frames.append(SseFrame(event=event, data="\n".join(data)))
+    return frames
+
+
+def stream_events(http: httpx.Client, body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[SseFrame]]:
+    """Posts a streaming request; returns the decoded events and the raw frames ([DONE] included)."""
+    response = http.post("/v1/responses", json={**body, "stream": True})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    frames = parse_sse(response.text)
+    events = [json.loads(frame.data) for frame in frames if frame.data != "[DONE]"]
+    return events, frames

@@ -1,0 +1,44 @@
+"""Settings come from a TOML file, then `RESPSERVE_*` variables, then CLI flags, each overriding the last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from respserve.config import load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_precedence_toml_env_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "settings.toml"
+    toml.write_text('port = 9001\nhost = "0.0.0.0"\ndtype = "float32"\nserved_model_name = "from-toml"\n')
+    monkeypatch.setenv("RESPSERVE_PORT", "9002")
+    monkeypatch.setenv("RESPSERVE_DTYPE", "float16")
+    settings = load_settings(config=str(toml), dtype="bfloat16")
+    assert settings.host == "0.0.0.0"  # toml only
+    assert settings.served_model_name == "from-toml"
+    assert settings.port == 9002  # env beats toml
+    assert settings.dtype == "bfloat16"  # the flag beats both
+
+
+def test_config_file_from_the_environment_and_cache_alias(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "settings.toml"
+    toml.write_text("port = 9100\n")
+    monkeypatch.setenv("RESPSERVE_CONFIG", str(toml))
+    monkeypatch.setenv("RESPSERVE_CACHE", str(tmp_path / "cache"))
+    settings = load_settings()
+    assert settings.port == 9100
+    assert settings.cache_dir == tmp_path / "cache"
+
+
+def test_shipped_default_config_loads() -> None:
+    settings = load_settings(config=str(REPO / "configs" / "default.toml"))
+    assert settings.model == "smollm2" and settings.port == 8000
+
+
+def test_bad_values_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESPSERVE_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="device"):
+        load_settings()

@@ -1,0 +1,101 @@
+"""The pieces of the text path that need no server: detokenizer, stop strings, sampler, against the real
+tokenizer of the default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import RunningServer
+
+from respserve.engine.detokenizer import IncrementalDetokenizer
+from respserve.engine.sampler import Sampler, SamplingRow
+from respserve.engine.stop_strings import StopStringMatcher
+
+MIXED = "Crème brûlée à Paris, 東京タワー and 🙂🚀 — naïve façade ✓"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(server: RunningServer):
+    return server.state.default_model.worker.pipeline.tokenizer
+
+
+def test_detokenizer_never_splits_characters(tokenizer) -> None:
+    ids = tokenizer.encode(MIXED, add_special_tokens=False)
+    assert len(ids) > len(MIXED.split())  # multi-byte characters span several tokens
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids=tokenizer.encode("Say:"))
+    deltas = [detokenizer.push(token) for token in ids] + [detokenizer.flush()]
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "".join(deltas) == MIXED
+    assert "" in deltas  # some tokens end mid-character and are held back
+
+
+def test_detokenizer_flushes_an_incomplete_character(tokenizer) -> None:
+    ids = tokenizer.encode("🙂", add_special_tokens=False)
+    assert len(ids) > 1
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids=[])
+    assert detokenizer.push(ids[0]) == ""
+    assert detokenizer.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize(
+    ("chunks", "emitted", "stopped"),
+    [
+        (["Hello wor", "ld. Bye"], "Hello ", True),
+        (["abc", "def"], "abcdef", False),
+        (["The end", "ing is near"], "The ending is near", False),
+        (["x<", "/s", ">y"], "x", True),
+    ],
+)
+def test_stop_strings_hold_back_partial_matches(chunks: list[str], emitted: str, stopped: bool) -> None:
+    matcher = StopStringMatcher(("world", "</s>", "endgame"))
+    out = ""
+    for chunk in chunks:
+        out += matcher.feed(chunk)
+        if matcher.stopped:
+            break
+    if not matcher.stopped:
+        out += matcher.flush()
+    assert out == emitted
+    assert matcher.stopped is stopped
+
+
+def _row(**overrides) -> SamplingRow:
+    values = dict(
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+        generator=None,
+        token_counts=None,
+    )
+    values.update(overrides)
+    return SamplingRow(**values)
+
+
+def test_sampler_greedy_topk_topp_and_seeds() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    best = logits.argmax(dim=-1)
+    rows = [_row(temperature=0.0), _row(top_k=1), _row(top_p=1e-6), _row(temperature=0.7)]
+    picked = sampler.sample(logits, rows)
+    assert picked[:3].tolist() == best[:3].tolist()
+
+    def seeded(batch_position: int) -> int:
+        batch = torch.randn(3, 100)
+        batch[batch_position] = logits[0]
+        rows = [_row() for _ in range(3)]
+        rows[batch_position] = _row(generator=torch.Generator().manual_seed(99))
+        return int(sampler.sample(batch, rows)[batch_position])
+
+    assert seeded(0) == seeded(2)
+
+
+def test_sampler_penalties_push_repeated_tokens_down() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.zeros(1, 10)
+    logits[0, 3] = 1.0
+    counts = torch.zeros(10)
+    counts[3] = 2
+    row = _row(temperature=0.0, frequency_penalty=1.0, token_counts=counts)
+    assert int(sampler.sample(logits, [row])[0]) != 3

@@ -1,0 +1,72 @@
+"""The model runs off the event loop: the server answers while it generates, and disconnects stop work."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+from conftest import RunningServer
+
+
+def _wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_health_answers_fast_during_a_long_generation(http, server: RunningServer) -> None:
+    worker = server.state.default_model.worker
+    body = {"input": "Write a very long essay about the sea.", "max_output_tokens": 400, "temperature": 0}
+    thread = threading.Thread(target=lambda: http.post("/v1/responses", json=body), daemon=True)
+    thread.start()
+    assert _wait_for(lambda: worker.num_running == 1)
+    latencies = []
+    with httpx.Client(base_url=server.base_url) as probe:
+        for _ in range(30):
+            started = time.perf_counter()
+            assert probe.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.02)
+    assert worker.num_running == 1, "the generation should still be running while we probed"
+    thread.join(120)
+    assert max(latencies) < 0.05, latencies
+
+
+def test_client_disconnect_stops_generation(server: RunningServer) -> None:
+    worker = server.state.default_model.worker
+    body = {
+        "input": "Count from one to one thousand.",
+        "max_output_tokens": 2000,
+        "temperature": 0,
+        "stream": True,
+    }
+    with (
+        httpx.Client(base_url=server.base_url, timeout=60) as client,
+        client.stream("POST", "/v1/responses", json=body) as response,
+    ):
+        deltas = 0
+        for line in response.iter_lines():
+            if line.startswith("event: response.output_text.delta"):
+                deltas += 1
+                if deltas == 3:
+                    break
+        assert worker.num_running == 1
+    # The connection is closed: the worker drops the sequence at its next step.
+    assert _wait_for(lambda: worker.num_running == 0, timeout=10)
+
+
+def test_non_streaming_client_that_gives_up_stops_generation(server: RunningServer) -> None:
+    worker = server.state.default_model.worker
+    body = {"input": "Count from one to one thousand.", "max_output_tokens": 2000, "temperature": 0}
+    with httpx.Client(base_url=server.base_url, timeout=1.0) as client:
+        try:
+            client.post("/v1/responses", json=body)
+        except httpx.ReadTimeout:
+            pass
+        else:
+            raise AssertionError("the request should have outlived the client's timeout")
+    assert _wait_for(lambda: worker.num_running == 0, timeout=10)
