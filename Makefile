@@ -25,9 +25,9 @@ serve: install
 	$(BIN)/respserve serve $(ARGS)
 
 test: install
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
