@@ -19,6 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
     serve.add_argument("--cache-dir", dest="cache_dir")
     serve.add_argument("--max-output-tokens", dest="max_output_tokens", type=int)
+    serve.add_argument("--max-running", dest="max_running", type=int)
+    serve.add_argument("--max-queued", dest="max_queued", type=int)
+    serve.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int)
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--config", help="a TOML settings file (see configs/default.toml)")
     return parser

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
         description="Where converted models are kept (`RESPSERVE_CACHE_DIR`, or `RESPSERVE_CACHE`).",
     )
     max_output_tokens: int = Field(default=4096, ge=1, description="Cap on one response's output tokens.")
+    max_running: int = Field(default=64, ge=1, description="Sequences decoded together in one batch.")
+    max_queued: int = Field(default=256, ge=0, description="Requests waiting for a slot; past it, 429.")
+    max_prefill_tokens: int = Field(default=4096, ge=1, description="Padded prompt tokens in one prefill.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Set by the CLI or RESPSERVE_CONFIG; read before the other sources (see settings_customise_sources).

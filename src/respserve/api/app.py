@@ -16,7 +16,7 @@ from respserve.api.state import AppState, ServedModel
 from respserve.config import Settings
 from respserve.engine.model_source import resolve_model_source
 from respserve.engine.text_pipeline import TextPipeline
-from respserve.engine.worker import PipelineWorker
+from respserve.engine.worker import PipelineWorker, WorkerLimits
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,12 @@ logger = logging.getLogger(__name__)
 def load_text_model(settings: Settings) -> ServedModel:
     source = resolve_model_source(settings.model, settings.cache_dir)
     pipeline = TextPipeline.load(source, device=settings.device, dtype=settings.dtype)
-    worker = PipelineWorker(pipeline)
+    limits = WorkerLimits(
+        max_running=settings.max_running,
+        max_queued=settings.max_queued,
+        max_prefill_tokens=settings.max_prefill_tokens,
+    )
+    worker = PipelineWorker(pipeline, limits)
     worker.start()
     return ServedModel(name=settings.served_model_name or source.name, created=int(time.time()), worker=worker)
 

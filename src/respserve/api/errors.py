@@ -20,11 +20,14 @@ class APIError(Exception):
     status_code = 500
     error_type = "server_error"
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
     def detail(self) -> ErrorDetail:
         return ErrorDetail(message=self.message, type=self.error_type, param=self.param, code=self.code)
@@ -38,6 +41,11 @@ class InvalidRequestError(APIError):
 class NotFoundError(APIError):
     status_code = 404
     error_type = "not_found_error"
+
+
+class RateLimitError(APIError):
+    status_code = 429
+    error_type = "rate_limit_error"
 
 
 class ServiceUnavailableError(APIError):
@@ -104,7 +112,7 @@ _STATUS_TYPES = {
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status_code, exc.detail())
+        return error_response(exc.status_code, exc.detail(), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,8 +1,8 @@
-"""One request's state inside the worker: its tokens, KV cache, detokenizer, stop matcher and sampler row."""
+"""One request's state inside the worker: its tokens, detokenizer, stop matcher and sampler row.
+
+Its KV cache is a row of the worker's `BatchKVCache`, not held here."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -19,7 +19,6 @@ class Sequence:
         self.output_ids: list[int] = []
         self.status = GenerationStatus.ACTIVE
         self.cancelled = False
-        self.cache: Any = None  # the model's KV cache for this sequence, owned by the TextPipeline
         self._detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
         self._stop = StopStringMatcher(params.stop)
         generator = None

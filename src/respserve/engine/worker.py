@@ -1,8 +1,12 @@
 """The pipeline worker: a thread that owns the model and the device, away from the event loop.
 
-Requests come in through a thread-safe inbox; each step admits new requests (prefill), then advances
-every running sequence by one token, and hands each request's `GenerationOutput` back to the event loop
-that asked for it. A request whose consumer goes away is cancelled and leaves at the next step.
+It batches continuously: each step first admits waiting requests (one left-padded prefill for the group,
+whose cache rows then join the running batch), then advances every running sequence by one token in a
+single forward pass. A sequence that finishes leaves the batch at once, its output already handed to the
+event loop; a cancelled one (its client went away) leaves at the next step and its KV rows are freed.
+
+A thread, not a process: torch releases the GIL inside its kernels, so the event loop keeps answering
+while a step runs (measured: see README, /health p99 under load), and outputs need no serialisation.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from respserve.engine.generation import GenerationOutput, GenerationRequest, GenerationStatus
+from respserve.engine.kv_cache import BatchKVCache, empty_batch
 from respserve.engine.sampler import Sampler
 from respserve.engine.sequence import Sequence
 from respserve.engine.text_pipeline import TextPipeline
@@ -25,21 +31,70 @@ logger = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.5
 
 
+class QueueFull(RuntimeError):
+    """More requests are waiting than the worker accepts; the caller should retry later."""
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    max_running: int = 64  # sequences decoded together
+    max_queued: int = 256  # requests waiting for a slot
+    max_prefill_tokens: int = 4096  # padded prompt tokens in one prefill pass (at least one prompt)
+
+
 @dataclass
 class _Channel:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue[GenerationOutput]
 
 
+class OutputStream:
+    """A request's outputs, in order, ending with the one whose status is final.
+
+    Closing it before the end (the client went away) cancels the request inside the worker.
+    """
+
+    def __init__(self, worker: PipelineWorker, request_id: str, channel: _Channel) -> None:
+        self._worker = worker
+        self._request_id = request_id
+        self._channel = channel
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[GenerationOutput]:
+        return self
+
+    async def __anext__(self) -> GenerationOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        output = await self._channel.outputs.get()
+        if output.final_status.is_done:
+            self._finished = True
+            self._release()
+        return output
+
+    async def aclose(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._worker._release(self._request_id, cancel=not self._finished)
+
+
 class PipelineWorker:
-    def __init__(self, pipeline: TextPipeline) -> None:
+    def __init__(self, pipeline: TextPipeline, limits: WorkerLimits | None = None) -> None:
         self.pipeline = pipeline
+        self.limits = limits or WorkerLimits()
         self._sampler = Sampler(pipeline.device)
         self._inbox: queue.SimpleQueue[GenerationRequest] = queue.SimpleQueue()
+        self._waiting: deque[GenerationRequest] = deque()
         self._channels: dict[str, _Channel] = {}
         self._cancelled: set[str] = set()
+        self._queued = 0
         self._lock = threading.Lock()
         self._running: list[Sequence] = []
+        self._batch: BatchKVCache = empty_batch(pipeline.num_layers, pipeline.device)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="respserve-worker", daemon=True)
 
@@ -55,27 +110,30 @@ class PipelineWorker:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        """Submits a request and yields its outputs; leaving early cancels it inside the worker."""
-        channel = _Channel(asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
-            self._channels[request.request_id] = channel
-        self._inbox.put(request)
-        finished = False
-        try:
-            while not finished:
-                output = await channel.outputs.get()
-                finished = output.final_status.is_done
-                yield output
-        finally:
-            with self._lock:
-                self._channels.pop(request.request_id, None)
-                if not finished:
-                    self._cancelled.add(request.request_id)
-
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def num_queued(self) -> int:
+        return self._queued
+
+    def submit(self, request: GenerationRequest) -> OutputStream:
+        """Queues a request; its outputs arrive on the returned stream. Raises QueueFull at the bound."""
+        channel = _Channel(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if self._queued >= self.limits.max_queued:
+                raise QueueFull(f"{self._queued} requests are already waiting")
+            self._queued += 1
+            self._channels[request.request_id] = channel
+        self._inbox.put(request)
+        return OutputStream(self, request.request_id, channel)
+
+    def _release(self, request_id: str, cancel: bool) -> None:
+        with self._lock:
+            self._channels.pop(request_id, None)
+            if cancel:
+                self._cancelled.add(request_id)
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -84,69 +142,102 @@ class PipelineWorker:
     # ---- worker-thread side ----------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._admit(block=not self._running)
+            self._receive(block=not self._running and not self._waiting)
             self._drop_cancelled()
+            self._admit()
             if self._running:
                 self._decode_step()
 
-    def _admit(self, block: bool) -> None:
+    def _receive(self, block: bool) -> None:
         try:
             request = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
-            self._prefill(request)
+            self._waiting.append(request)
             try:
                 request = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        sequence = Sequence(request, self.pipeline.tokenizer, self.pipeline.vocab_size)
-        try:
-            logits = self.pipeline.prefill(sequence)
-            token = int(self._sampler.sample(logits, [sequence.sampling_row])[0])
-        except Exception as exc:  # one bad request must not take the worker down
-            logger.exception("prefill failed for %s", request.request_id)
-            self._fail(sequence, exc)
+    def _admit(self) -> None:
+        """Prefills as many waiting requests as fit, as one group, and joins them to the running batch."""
+        group: list[GenerationRequest] = []
+        longest = 0
+        while self._waiting and len(self._running) + len(group) < self.limits.max_running:
+            longest_if_added = max(longest, len(self._waiting[0].prompt_token_ids))
+            if group and longest_if_added * (len(group) + 1) > self.limits.max_prefill_tokens:
+                break
+            group.append(self._waiting.popleft())
+            longest = longest_if_added
+        if not group:
             return
-        self._emit(sequence.append(token, self.pipeline.eos_token_ids))
-        if not sequence.status.is_done:
-            self._running.append(sequence)
+        with self._lock:
+            self._queued -= len(group)
+        sequences = [Sequence(request, self.pipeline.tokenizer, self.pipeline.vocab_size) for request in group]
+        try:
+            logits, group_batch = self.pipeline.prefill(sequences)
+            tokens = self._sampler.sample(logits, [sequence.sampling_row for sequence in sequences]).tolist()
+        except Exception as exc:  # a bad group must not take the worker down
+            logger.exception("prefill failed for %d requests", len(sequences))
+            for sequence in sequences:
+                self._fail(sequence, exc)
+            return
+        self._advance(sequences, tokens)
+        kept = [row for row, sequence in enumerate(sequences) if not sequence.status.is_done]
+        if kept:
+            group_batch.keep_rows(kept)
+            self._batch.extend(group_batch)
+            self._running.extend(sequences[row] for row in kept)
 
     def _decode_step(self) -> None:
-        batch = list(self._running)
         try:
-            logits = self.pipeline.decode(batch)
-            tokens = self._sampler.sample(logits, [sequence.sampling_row for sequence in batch]).tolist()
+            logits = self.pipeline.decode(self._batch, self._running)
+            tokens = self._sampler.sample(logits, [sequence.sampling_row for sequence in self._running]).tolist()
         except Exception as exc:
-            logger.exception("decode step failed for %d sequences", len(batch))
-            for sequence in batch:
+            logger.exception("decode step failed for %d sequences", len(self._running))
+            for sequence in self._running:
                 self._fail(sequence, exc)
-            self._running = []
+            self._keep(lambda sequence: False)
             return
-        for sequence, token in zip(batch, tokens, strict=True):
-            self._emit(sequence.append(token, self.pipeline.eos_token_ids))
-        self._running = [sequence for sequence in batch if not sequence.status.is_done]
+        self._advance(self._running, tokens)
+        self._keep(lambda sequence: not sequence.status.is_done)
+
+    def _advance(self, sequences: list[Sequence], tokens: list[int]) -> None:
+        for sequence, token in zip(sequences, tokens, strict=True):
+            try:
+                output = sequence.append(token, self.pipeline.eos_token_ids)
+            except Exception as exc:  # this request fails; the rest of the batch goes on
+                logger.exception("request %s failed", sequence.request_id)
+                self._fail(sequence, exc)
+                continue
+            self._emit(output)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
             if not self._cancelled:
                 return
             cancelled, self._cancelled = self._cancelled, set()
-        kept = []
+        waiting = [request for request in self._waiting if request.request_id not in cancelled]
+        with self._lock:
+            self._queued -= len(self._waiting) - len(waiting)
+        self._waiting = deque(waiting)
         for sequence in self._running:
             if sequence.request_id in cancelled:
                 sequence.status = GenerationStatus.CANCELLED
-                sequence.cache = None  # frees its KV memory now
                 self._emit(sequence.output())
-            else:
-                kept.append(sequence)
-        self._running = kept
+        self._keep(lambda sequence: not sequence.status.is_done)
+
+    def _keep(self, predicate: Callable[[Sequence], bool]) -> None:
+        """Keeps the running sequences that satisfy `predicate`; the others' KV rows are freed."""
+        rows = [row for row, sequence in enumerate(self._running) if predicate(sequence)]
+        if len(rows) == len(self._running):
+            return
+        self._batch.keep_rows(rows)
+        self._running = [self._running[row] for row in rows]
 
     def _fail(self, sequence: Sequence, exc: Exception) -> None:
         sequence.status = GenerationStatus.FAILED
-        sequence.cache = None
         self._emit(sequence.output(error=f"{type(exc).__name__}: {exc}"))
 
     def _emit(self, output: GenerationOutput) -> None:

@@ -13,15 +13,19 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from respserve.api.chat_messages import build_chat_messages
 from respserve.api.converter import ResponseConverter, initial_resource
-from respserve.api.errors import InvalidRequestError, NotFoundError
+from respserve.api.errors import InvalidRequestError, NotFoundError, RateLimitError
 from respserve.api.state import AppState, ServedModel, StateDep
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.text_pipeline import ContextLengthExceeded
+from respserve.engine.worker import OutputStream, QueueFull
 from respserve.protocol.events import StreamEvent
 from respserve.protocol.ids import new_id
 from respserve.protocol.request import CreateResponseRequest
 
 router = APIRouter()
+
+# Seconds a client told 429 should wait: about one short generation on a loaded CPU.
+RETRY_AFTER_S = 1
 
 
 @router.post("/v1/responses", response_model=None)
@@ -38,14 +42,22 @@ async def create_response(
         )
     generation = await _generation_request(body, served, state)
     converter = ResponseConverter(initial_resource(body, served.name))
+    try:
+        outputs = served.worker.submit(generation)
+    except QueueFull as exc:
+        raise RateLimitError(
+            "The server is at capacity; retry shortly.",
+            code="server_overloaded",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from exc
     if body.stream:
-        return EventSourceResponse(_stream(converter, served, generation), sep="\n", ping=15)
-    await _run_until_disconnect(_collect(converter, served, generation), http_request)
+        return EventSourceResponse(_stream(converter, outputs), sep="\n", ping=15)
+    await _run_until_disconnect(_collect(converter, outputs), http_request)
     return JSONResponse(converter.resource.to_wire())
 
 
-async def _collect(converter: ResponseConverter, served: ServedModel, generation: GenerationRequest) -> None:
-    async with aclosing(served.worker.generate(generation)) as outputs:
+async def _collect(converter: ResponseConverter, outputs: OutputStream) -> None:
+    async with aclosing(outputs):
         async for output in outputs:
             converter.on_output(output)
 
@@ -92,13 +104,11 @@ async def _generation_request(body: CreateResponseRequest, served: ServedModel, 
     return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling)
 
 
-async def _stream(
-    converter: ResponseConverter, served: ServedModel, generation: GenerationRequest
-) -> AsyncIterator[ServerSentEvent]:
-    for event in converter.start():
-        yield _frame(event)
-    # Leaving this loop early (the client went away) closes the generator, which cancels the request.
-    async with aclosing(served.worker.generate(generation)) as outputs:
+async def _stream(converter: ResponseConverter, outputs: OutputStream) -> AsyncIterator[ServerSentEvent]:
+    # Leaving early (the client went away) closes `outputs`, which cancels the request in the worker.
+    async with aclosing(outputs):
+        for event in converter.start():
+            yield _frame(event)
         async for output in outputs:
             for event in converter.on_output(output):
                 yield _frame(event)
