@@ -66,12 +66,17 @@ def start_server(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, 
     return server, thread, RunningServer(app=app, base_url=f"http://127.0.0.1:{settings.port}")
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[RunningServer]:
-    uv_server, thread, running = start_server(load_settings(port=free_port()))
-    yield running
+def stop_server(uv_server: uvicorn.Server, thread: threading.Thread) -> None:
     uv_server.should_exit = True
-    thread.join(30)
+    thread.join(60)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    data_dir = tmp_path_factory.mktemp("data")
+    uv_server, thread, running = start_server(load_settings(port=free_port(), data_dir=str(data_dir)))
+    yield running
+    stop_server(uv_server, thread)
 
 
 @pytest.fixture(scope="session")

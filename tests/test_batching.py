@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import RunningServer, free_port, start_server
+from conftest import RunningServer, free_port, start_server, stop_server
 
 from respserve.config import load_settings
 from respserve.engine.sequence import Sequence
@@ -83,13 +83,13 @@ def http_ok(server: RunningServer) -> bool:
 
 
 @pytest.fixture(scope="module")
-def small_server() -> Iterator[RunningServer]:
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """A second server with one running slot and one queue place, to reach the bounds quickly."""
-    settings = load_settings(port=free_port(), max_running=1, max_queued=1)
+    data_dir = tmp_path_factory.mktemp("small")
+    settings = load_settings(port=free_port(), max_running=1, max_queued=1, data_dir=str(data_dir))
     uv_server, thread, running = start_server(settings)
     yield running
-    uv_server.should_exit = True
-    thread.join(30)
+    stop_server(uv_server, thread)
 
 
 LONG = {"input": "Count from one to one thousand.", "temperature": 0, "max_output_tokens": 2000, "stream": True}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from platformdirs import user_cache_dir
+from platformdirs import user_cache_dir, user_data_dir
 from pydantic import Field
 from pydantic_settings import (
     BaseSettings,
@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         default_factory=lambda: Path(user_cache_dir("respserve")),
         description="Where converted models are kept (`RESPSERVE_CACHE_DIR`, or `RESPSERVE_CACHE`).",
+    )
+    data_dir: Path = Field(
+        default_factory=lambda: Path(user_data_dir("respserve")),
+        description="Where the store (SQLite) keeps responses and conversations.",
     )
     max_output_tokens: int = Field(default=4096, ge=1, description="Cap on one response's output tokens.")
     max_running: int = Field(default=64, ge=1, description="Sequences decoded together in one batch.")

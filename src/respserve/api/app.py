@@ -10,13 +10,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from respserve import __version__
+from respserve.api.background import BackgroundJobs
 from respserve.api.errors import install_error_handlers
-from respserve.api.routes import health, models, responses
+from respserve.api.routes import conversations, health, models, responses
 from respserve.api.state import AppState, ServedModel
 from respserve.config import Settings
 from respserve.engine.model_source import resolve_model_source
 from respserve.engine.text_pipeline import TextPipeline
 from respserve.engine.worker import PipelineWorker, WorkerLimits
+from respserve.store.sqlite import SqliteResponseStore
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +37,24 @@ def load_text_model(settings: Settings) -> ServedModel:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    state = AppState(settings=settings)
+    store = SqliteResponseStore(settings.data_dir / "respserve.db")
+    state = AppState(settings=settings, store=store, background=BackgroundJobs(store))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        interrupted = store.fail_unfinished("The server restarted before this response finished.")
+        if interrupted:
+            logger.warning("marked %d responses interrupted by a restart as failed", interrupted)
         served = load_text_model(settings)
         state.models[served.name] = served
-        logger.info("serving %s", served.name)
+        logger.info("serving %s; store in %s", served.name, settings.data_dir)
         try:
             yield
         finally:
+            await state.background.shutdown()
             for model in state.models.values():
                 model.worker.stop()
+            store.close()
 
     app = FastAPI(title="respserve", version=__version__, lifespan=lifespan)
     app.state.respserve = state
@@ -54,4 +62,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(responses.router)
+    app.include_router(conversations.router)
     return app

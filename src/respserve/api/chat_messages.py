@@ -5,17 +5,22 @@ from __future__ import annotations
 from respserve.api.errors import InvalidRequestError
 from respserve.engine.generation import ChatMessage
 from respserve.protocol.content import InputFile, InputImage, InputText, OutputText, Refusal
-from respserve.protocol.items import AssistantInputMessage, InputMessage
+from respserve.protocol.items import AssistantInputMessage, InputItem, InputMessage
 from respserve.protocol.request import CreateResponseRequest
 
 # Open chat templates know `system`, not OpenAI's `developer`: both carry the same authority.
 _TEMPLATE_ROLES = {"developer": "system"}
 
 
-def build_chat_messages(request: CreateResponseRequest, model: str, accepts_images: bool) -> list[ChatMessage]:
+def build_chat_messages(
+    request: CreateResponseRequest, context: list[InputItem], model: str, accepts_images: bool
+) -> list[ChatMessage]:
+    """Instructions first, then the earlier items (`previous_response_id` or `conversation`), then `input`."""
     messages: list[ChatMessage] = []
     if request.instructions:
         messages.append(ChatMessage(role="system", content=request.instructions))
+    for item in context:
+        messages.append(_message(item, "input", model, accepts_images))
     if isinstance(request.input, str):
         messages.append(ChatMessage(role="user", content=request.input))
     else:

@@ -90,8 +90,10 @@ class ResponseConverter:
 
     def start(self) -> list[StreamEvent]:
         """The events before the first token: created, in progress, the message and its empty text part."""
+        created = self._event(ResponseCreatedEvent(response=self._snapshot()))  # queued, for background
+        self.resource.status = "in_progress"
         return [
-            self._event(ResponseCreatedEvent(response=self._snapshot())),
+            created,
             self._event(ResponseInProgressEvent(response=self._snapshot())),
             self._event(OutputItemAddedEvent(output_index=0, item=self._message.model_copy(deep=True))),
             self._event(

@@ -7,9 +7,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from respserve.api.background import BackgroundJobs
 from respserve.api.errors import NotFoundError
 from respserve.config import Settings
 from respserve.engine.worker import PipelineWorker
+from respserve.store.base import ResponseStore
 
 
 @dataclass
@@ -22,6 +24,8 @@ class ServedModel:
 @dataclass
 class AppState:
     settings: Settings
+    store: ResponseStore
+    background: BackgroundJobs
     models: dict[str, ServedModel] = field(default_factory=dict)
 
     @property

@@ -14,6 +14,25 @@ from respserve.protocol.tools import Tool, ToolChoice
 Metadata = dict[str, str]
 
 
+def _validate_metadata(value: Metadata | None) -> Metadata | None:
+    if value is None:
+        return value
+    if len(value) > 16:
+        raise ValueError("metadata may hold at most 16 keys")
+    for key, item in value.items():
+        if len(key) > 64 or len(item) > 512:
+            raise ValueError("metadata keys are at most 64 characters and values at most 512")
+    return value
+
+
+# Shared by every body that carries `metadata`.
+check_metadata = field_validator("metadata")(_validate_metadata)
+
+
+class ConversationRef(WireModel):
+    id: str
+
+
 class ReasoningConfig(WireModel):
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
@@ -28,6 +47,7 @@ class CreateResponseRequest(WireModel):
     input: str | list[InputItem] = Field(default_factory=list)
     instructions: str | None = None
     previous_response_id: str | None = None
+    conversation: str | ConversationRef | None = None
     include: list[str] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
@@ -56,17 +76,7 @@ class CreateResponseRequest(WireModel):
     stop: str | list[str] | None = None
     top_k: int | None = Field(default=None, ge=0)
 
-    @field_validator("metadata")
-    @classmethod
-    def _check_metadata(cls, value: Metadata | None) -> Metadata | None:
-        if value is None:
-            return value
-        if len(value) > 16:
-            raise ValueError("metadata may hold at most 16 keys")
-        for key, item in value.items():
-            if len(key) > 64 or len(item) > 512:
-                raise ValueError("metadata keys are at most 64 characters and values at most 512")
-        return value
+    _check_metadata = check_metadata
 
     @field_validator("stop")
     @classmethod
@@ -77,6 +87,10 @@ class CreateResponseRequest(WireModel):
         if any(not stop for stop in stops):
             raise ValueError("stop sequences must not be empty")
         return value
+
+    @property
+    def conversation_id(self) -> str | None:
+        return self.conversation.id if isinstance(self.conversation, ConversationRef) else self.conversation
 
     @property
     def stop_sequences(self) -> list[str]:

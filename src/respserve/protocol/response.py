@@ -39,6 +39,16 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool = True
+
+
+class ConversationRef(BaseModel):
+    id: str
+
+
 class ResponseResource(BaseModel):
     id: str
     object: Literal["response"] = "response"
@@ -71,7 +81,8 @@ class ResponseResource(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    # Echoed extras beyond the Open Responses schema (Modular MAX carries them too).
+    # Beyond the Open Responses schema: OpenAI's `conversation`, and extras Modular MAX carries too.
+    conversation: ConversationRef | None = None
     user: str | None = None
     seed: int | None = None
     stop: str | list[str] | None = None

@@ -1,26 +1,32 @@
-"""`POST /v1/responses`: validate, build the prompt, run it in the worker, answer as JSON or SSE."""
+"""`/v1/responses`: create (JSON, SSE or background), retrieve (or resume its stream), delete, cancel,
+list input items. Thin: the work is in chat_messages, the converter, the runner and the store."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import aclosing
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from respserve.api.chat_messages import build_chat_messages
 from respserve.api.converter import ResponseConverter, initial_resource
 from respserve.api.errors import InvalidRequestError, NotFoundError, RateLimitError
+from respserve.api.input_items import context_items, stored_input_items
+from respserve.api.pagination import Include, Limit, Order
+from respserve.api.response_runner import Persistence, ResponseRunner
 from respserve.api.state import AppState, ServedModel, StateDep
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.text_pipeline import ContextLengthExceeded
-from respserve.engine.worker import OutputStream, QueueFull
-from respserve.protocol.events import StreamEvent
+from respserve.engine.worker import QueueFull
 from respserve.protocol.ids import new_id
+from respserve.protocol.items import InputItem
+from respserve.protocol.lists import ItemList
 from respserve.protocol.request import CreateResponseRequest
+from respserve.protocol.response import ResponseDeleted
 
 router = APIRouter()
 
@@ -33,15 +39,20 @@ async def create_response(
     body: CreateResponseRequest, http_request: Request, state: StateDep
 ) -> JSONResponse | EventSourceResponse:
     served = state.resolve_model(body.model)
-    if body.background:
-        raise InvalidRequestError("Background responses are not supported yet.", param="background")
-    if body.previous_response_id:
-        raise NotFoundError(
-            f"Previous response with id '{body.previous_response_id}' not found.",
-            param="previous_response_id",
+    if body.background and not body.store:
+        raise InvalidRequestError("Background responses must be stored: set 'store' to true.", param="background")
+    if body.previous_response_id and body.conversation is not None:
+        raise InvalidRequestError(
+            "'previous_response_id' and 'conversation' cannot be used together.", param="conversation"
         )
-    generation = await _generation_request(body, served, state)
-    converter = ResponseConverter(initial_resource(body, served.name))
+    owner = None
+    stored_context = await _stored_context(body, state, owner)
+    input_items = stored_input_items(body.input)
+    generation = await _generation_request(body, stored_context, served, state)
+
+    resource = initial_resource(body, served.name)
+    if body.background:
+        resource.status = "queued"
     try:
         outputs = served.worker.submit(generation)
     except QueueFull as exc:
@@ -50,16 +61,87 @@ async def create_response(
             code="server_overloaded",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         ) from exc
+    persistence = Persistence(
+        store=state.store,
+        owner=owner,
+        input_items=input_items,
+        save_response=body.store,
+        conversation_id=body.conversation_id,
+        record_events=body.background and body.stream,
+    )
+    runner = ResponseRunner(ResponseConverter(resource), outputs, persistence)
+    await runner.save_initial()
+
+    if body.background:
+        snapshot = resource.to_wire()
+        state.background.start(runner)
+        if body.stream:
+            return EventSourceResponse(_follow(state, resource.id, -1), sep="\n", ping=15)
+        return JSONResponse(snapshot)
     if body.stream:
-        return EventSourceResponse(_stream(converter, outputs), sep="\n", ping=15)
-    await _run_until_disconnect(_collect(converter, outputs), http_request)
-    return JSONResponse(converter.resource.to_wire())
+        return EventSourceResponse(_stream(runner), sep="\n", ping=15)
+    await _run_until_disconnect(runner.run_to_end(), http_request)
+    return JSONResponse(runner.converter.resource.to_wire())
 
 
-async def _collect(converter: ResponseConverter, outputs: OutputStream) -> None:
-    async with aclosing(outputs):
-        async for output in outputs:
-            converter.on_output(output)
+async def _stored_context(body: CreateResponseRequest, state: AppState, owner: str | None) -> list[InputItem]:
+    """The earlier items a request continues from: its previous response's chain, or its conversation."""
+    if body.previous_response_id:
+        items = await asyncio.to_thread(state.store.chain_items, body.previous_response_id, owner)
+        if items is None:
+            raise NotFoundError(
+                f"Previous response with id '{body.previous_response_id}' not found.",
+                param="previous_response_id",
+            )
+        return context_items(items)
+    if body.conversation_id:
+        items = await asyncio.to_thread(state.store.all_conversation_items, body.conversation_id, owner)
+        if items is None:
+            raise NotFoundError(f"Conversation with id '{body.conversation_id}' not found.", param="conversation")
+        return context_items(items)
+    return []
+
+
+async def _generation_request(
+    body: CreateResponseRequest, context: list[InputItem], served: ServedModel, state: AppState
+) -> GenerationRequest:
+    pipeline = served.worker.pipeline
+    messages = build_chat_messages(body, context, served.name, pipeline.accepts_images)
+    try:
+        # Tokenising a long prompt is CPU work: keep it off the event loop.
+        prompt = await asyncio.to_thread(pipeline.render_prompt, messages)
+    except ContextLengthExceeded as exc:
+        raise InvalidRequestError(str(exc), param="input", code="context_length_exceeded") from exc
+    room = pipeline.context_length - len(prompt)
+    max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, room)
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=body.seed,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        stop=tuple(body.stop_sequences),
+    )
+    return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling)
+
+
+async def _stream(runner: ResponseRunner) -> AsyncIterator[ServerSentEvent]:
+    # Leaving early (the client went away) closes the runner, which cancels the request in the worker.
+    async for event in runner.events():
+        yield ServerSentEvent(data=event.to_wire_json(), event=event.type, sep="\n")
+    yield _DONE
+
+
+async def _follow(state: AppState, response_id: str, starting_after: int) -> AsyncIterator[ServerSentEvent]:
+    # Following a background response never cancels it: a client may leave and resume later.
+    async for event in state.background.follow(response_id, starting_after):
+        yield ServerSentEvent(data=event, event=json.loads(event)["type"], sep="\n")
+    yield _DONE
+
+
+_DONE = ServerSentEvent(data="[DONE]", sep="\n")
 
 
 async def _run_until_disconnect(work: Coroutine[Any, Any, None], http_request: Request) -> None:
@@ -81,39 +163,57 @@ async def _disconnected(http_request: Request) -> None:
         pass
 
 
-async def _generation_request(body: CreateResponseRequest, served: ServedModel, state: AppState) -> GenerationRequest:
-    pipeline = served.worker.pipeline
-    messages = build_chat_messages(body, served.name, pipeline.accepts_images)
-    try:
-        # Tokenising a long prompt is CPU work: keep it off the event loop.
-        prompt = await asyncio.to_thread(pipeline.render_prompt, messages)
-    except ContextLengthExceeded as exc:
-        raise InvalidRequestError(str(exc), param="input", code="context_length_exceeded") from exc
-    room = pipeline.context_length - len(prompt)
-    max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, room)
-    sampling = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        seed=body.seed,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        presence_penalty=body.presence_penalty or 0.0,
-        stop=tuple(body.stop_sequences),
-    )
-    return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling)
+async def _stored(state: AppState, response_id: str, owner: str | None) -> dict[str, Any]:
+    resource = await asyncio.to_thread(state.store.get_response, response_id, owner)
+    if resource is None:
+        raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    return resource
 
 
-async def _stream(converter: ResponseConverter, outputs: OutputStream) -> AsyncIterator[ServerSentEvent]:
-    # Leaving early (the client went away) closes `outputs`, which cancels the request in the worker.
-    async with aclosing(outputs):
-        for event in converter.start():
-            yield _frame(event)
-        async for output in outputs:
-            for event in converter.on_output(output):
-                yield _frame(event)
-    yield ServerSentEvent(data="[DONE]", sep="\n")
+@router.get("/v1/responses/{response_id}", response_model=None)
+async def retrieve_response(
+    response_id: str,
+    state: StateDep,
+    stream: bool = False,
+    starting_after: int | None = Query(default=None, ge=-1),
+) -> JSONResponse | EventSourceResponse:
+    resource = await _stored(state, response_id, None)
+    if stream:
+        if not resource.get("background"):
+            raise InvalidRequestError("Only background responses can be streamed again.", param="stream")
+        after = -1 if starting_after is None else starting_after
+        return EventSourceResponse(_follow(state, response_id, after), sep="\n", ping=15)
+    return JSONResponse(resource)
 
 
-def _frame(event: StreamEvent) -> ServerSentEvent:
-    return ServerSentEvent(data=event.to_wire_json(), event=event.type, sep="\n")
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, state: StateDep) -> ResponseDeleted:
+    await state.background.cancel(response_id)
+    if not await asyncio.to_thread(state.store.delete_response, response_id, None):
+        raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    return ResponseDeleted(id=response_id)
+
+
+@router.post("/v1/responses/{response_id}/cancel", response_model=None)
+async def cancel_response(response_id: str, state: StateDep) -> JSONResponse:
+    resource = await _stored(state, response_id, None)
+    if not resource.get("background"):
+        raise InvalidRequestError("Only background responses can be cancelled.", param="response_id")
+    if resource["status"] not in ("queued", "in_progress") or not await state.background.cancel(response_id):
+        raise InvalidRequestError(f"Cannot cancel a response with status '{resource['status']}'.", param="response_id")
+    return JSONResponse(await _stored(state, response_id, None))
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str,
+    state: StateDep,
+    limit: Limit = 20,
+    order: Order = "desc",
+    after: str | None = None,
+    include: Include = None,
+) -> ItemList:
+    page = await asyncio.to_thread(state.store.list_input_items, response_id, None, limit, order, after)
+    if page is None:
+        raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    return ItemList.of(page.items, page.has_more)

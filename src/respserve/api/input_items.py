@@ -1,0 +1,42 @@
+"""Input items as they are stored and listed: each with an id and its content as a list of parts.
+
+Stored items (a response's input and output, a conversation's items) come back into a request's context
+by being parsed again as `InputItem`s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from respserve.protocol.ids import new_id
+from respserve.protocol.items import AssistantInputMessage, InputItem
+
+_ITEMS = TypeAdapter(list[InputItem])
+
+
+def stored_input_items(request_input: str | list[Any]) -> list[dict[str, Any]]:
+    """The request's `input`, normalised to wire items with ids, as `input_items` lists them."""
+    if isinstance(request_input, str):
+        return [_message("user", [{"type": "input_text", "text": request_input}])]
+    stored = []
+    for item in request_input:
+        data = item.model_dump(mode="json", exclude_none=True)
+        if isinstance(data["content"], str):
+            part_type = "output_text" if isinstance(item, AssistantInputMessage) else "input_text"
+            data["content"] = [{"type": part_type, "text": data["content"]}]
+        for part in data["content"]:
+            if part["type"] == "output_text":
+                part.setdefault("annotations", [])
+        stored.append(_message(data["role"], data["content"], data.get("id")))
+    return stored
+
+
+def _message(role: str, content: list[dict[str, Any]], item_id: str | None = None) -> dict[str, Any]:
+    return {"type": "message", "id": item_id or new_id("msg"), "status": "completed", "role": role, "content": content}
+
+
+def context_items(stored: list[dict[str, Any]]) -> list[InputItem]:
+    """Stored items (earlier inputs and outputs) parsed back into input items for a new prompt."""
+    return _ITEMS.validate_python(stored)

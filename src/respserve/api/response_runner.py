@@ -1,0 +1,107 @@
+"""Drives one response from the worker's outputs to its end, keeping what the request asked to keep.
+
+The same runner serves a plain request, a stream and a background job: it yields the converter's events,
+records them when asked (background streams, for resuming), and saves the resource and, for a
+conversation, the new items to the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from respserve.api.converter import ResponseConverter
+from respserve.engine.worker import OutputStream
+from respserve.protocol.events import StreamEvent
+from respserve.protocol.response import ResponseError, ResponseStatus
+from respserve.store.base import ResponseStore
+
+
+@dataclass(frozen=True)
+class Persistence:
+    store: ResponseStore
+    owner: str | None
+    input_items: list[dict[str, Any]]
+    save_response: bool  # `store: true`
+    conversation_id: str | None
+    record_events: bool  # background streams, so that GET ?stream=true can replay them
+
+
+class ResponseRunner:
+    def __init__(self, converter: ResponseConverter, outputs: OutputStream, persistence: Persistence | None) -> None:
+        self.converter = converter
+        self._outputs = outputs
+        self._persistence = persistence
+        self._finished = False
+        # What an interrupted run is recorded as: `cancelled` (client or cancel call), or `failed` (shutdown).
+        self.interrupted_status: ResponseStatus = "cancelled"
+
+    @property
+    def response_id(self) -> str:
+        return self.converter.resource.id
+
+    async def save_initial(self) -> None:
+        """Stores the response as created (queued or in progress) with its input items."""
+        persistence = self._persistence
+        if persistence and persistence.save_response:
+            await asyncio.to_thread(
+                persistence.store.save_response,
+                self.converter.resource.to_wire(),
+                persistence.input_items,
+                persistence.owner,
+            )
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        try:
+            async with aclosing(self._outputs):
+                for event in await self._recorded(self.converter.start()):
+                    yield event
+                async for output in self._outputs:
+                    for event in await self._recorded(self.converter.on_output(output)):
+                        yield event
+            self._finished = True
+            await asyncio.to_thread(self._save_final)
+        finally:
+            if not self._finished:
+                # Interrupted (disconnect, cancel, shutdown): a quick synchronous write, since awaiting
+                # here may not be allowed any more.
+                self._mark_interrupted()
+
+    async def run_to_end(self) -> None:
+        async for _ in self.events():
+            pass
+
+    async def _recorded(self, events: list[StreamEvent]) -> list[StreamEvent]:
+        persistence = self._persistence
+        if persistence and persistence.record_events and events:
+            rows = [(event.sequence_number, event.to_wire_json()) for event in events]
+            await asyncio.to_thread(persistence.store.append_events, self.response_id, rows)
+        return events
+
+    def _save_final(self) -> None:
+        persistence = self._persistence
+        if persistence is None:
+            return
+        resource = self.converter.resource.to_wire()
+        if persistence.save_response:
+            persistence.store.save_response(resource, None, persistence.owner)
+        if persistence.conversation_id:
+            persistence.store.add_conversation_items(
+                persistence.conversation_id, persistence.input_items + resource["output"], persistence.owner
+            )
+
+    def _mark_interrupted(self) -> None:
+        resource = self.converter.resource
+        if resource.status not in ("queued", "in_progress"):
+            return
+        resource.status = self.interrupted_status
+        if self.interrupted_status == "failed":
+            resource.error = ResponseError(
+                code="server_error", message="The server shut down before this response finished."
+            )
+        persistence = self._persistence
+        if persistence and persistence.save_response:
+            persistence.store.save_response(resource.to_wire(), None, persistence.owner)

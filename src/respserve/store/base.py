@@ -1,0 +1,97 @@
+"""The store interface. A shared backend (Postgres, Redis) for several replicas implements the same."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Item = dict[str, Any]  # an input or output item, as on the wire
+Order = Literal["asc", "desc"]
+
+
+@dataclass(frozen=True)
+class ItemPage:
+    items: list[Item]
+    has_more: bool
+
+
+@dataclass(frozen=True)
+class StoredConversation:
+    id: str
+    created_at: int
+    metadata: dict[str, str]
+
+
+class ResponseStore(ABC):
+    """Responses (resource JSON, input items, output items, stream events) and conversations."""
+
+    # ---- responses --------------------------------------------------------------------------------------
+    @abstractmethod
+    def save_response(self, resource: dict[str, Any], input_items: list[Item], owner: str | None) -> None:
+        """Inserts or replaces a response; its output items are read from `resource["output"]`."""
+
+    @abstractmethod
+    def get_response(self, response_id: str, owner: str | None) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def delete_response(self, response_id: str, owner: str | None) -> bool: ...
+
+    @abstractmethod
+    def list_input_items(
+        self, response_id: str, owner: str | None, limit: int, order: Order, after: str | None
+    ) -> ItemPage | None: ...
+
+    @abstractmethod
+    def chain_items(self, response_id: str, owner: str | None) -> list[Item] | None:
+        """Input and output items of the chain ending at `response_id`, oldest first, in one read.
+
+        None when the response is not stored (or belongs to another owner).
+        """
+
+    @abstractmethod
+    def fail_unfinished(self, message: str) -> int:
+        """Marks responses left queued or in progress (by a restart) as failed; returns how many."""
+
+    # ---- stream events of background responses ---------------------------------------------------------
+    @abstractmethod
+    def append_events(self, response_id: str, events: list[tuple[int, str]]) -> None:
+        """Records (sequence_number, event JSON) pairs."""
+
+    @abstractmethod
+    def events_after(self, response_id: str, sequence_number: int) -> list[tuple[int, str]]: ...
+
+    # ---- conversations ---------------------------------------------------------------------------------
+    @abstractmethod
+    def create_conversation(self, conversation: StoredConversation, items: list[Item], owner: str | None) -> None: ...
+
+    @abstractmethod
+    def get_conversation(self, conversation_id: str, owner: str | None) -> StoredConversation | None: ...
+
+    @abstractmethod
+    def update_conversation(
+        self, conversation_id: str, metadata: dict[str, str], owner: str | None
+    ) -> StoredConversation | None: ...
+
+    @abstractmethod
+    def delete_conversation(self, conversation_id: str, owner: str | None) -> bool: ...
+
+    @abstractmethod
+    def add_conversation_items(self, conversation_id: str, items: list[Item], owner: str | None) -> bool: ...
+
+    @abstractmethod
+    def list_conversation_items(
+        self, conversation_id: str, owner: str | None, limit: int, order: Order, after: str | None
+    ) -> ItemPage | None: ...
+
+    @abstractmethod
+    def all_conversation_items(self, conversation_id: str, owner: str | None) -> list[Item] | None: ...
+
+    @abstractmethod
+    def get_conversation_item(self, conversation_id: str, item_id: str, owner: str | None) -> Item | None: ...
+
+    @abstractmethod
+    def delete_conversation_item(self, conversation_id: str, item_id: str, owner: str | None) -> bool: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
