@@ -1,0 +1,77 @@
+"""Durability: what was stored survives a restart, and work a restart interrupted is marked failed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from conftest import free_port, start_server, stop_server
+
+from respserve.config import load_settings
+
+LONG = {"input": "Count to one thousand.", "max_output_tokens": 2000, "background": True}
+
+
+def _start(data_dir: Path):
+    return start_server(load_settings(port=free_port(), data_dir=str(data_dir)))
+
+
+def test_graceful_restart_keeps_everything_and_fails_unfinished_jobs(tmp_path: Path) -> None:
+    uv_server, thread, running = _start(tmp_path)
+    with httpx.Client(base_url=running.base_url, timeout=120) as client:
+        created = client.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 16}).json()
+        conversation = client.post(
+            "/v1/conversations", json={"items": [{"role": "user", "content": "hello"}], "metadata": {"a": "1"}}
+        ).json()
+        background = client.post("/v1/responses", json=LONG).json()
+        assert background["status"] == "queued"
+    stop_server(uv_server, thread)
+
+    uv_server, thread, running = _start(tmp_path)
+    try:
+        with httpx.Client(base_url=running.base_url, timeout=120) as client:
+            assert client.get(f"/v1/responses/{created['id']}").json() == created
+            assert client.get(f"/v1/conversations/{conversation['id']}").json()["metadata"] == {"a": "1"}
+            items = client.get(f"/v1/conversations/{conversation['id']}/items").json()["data"]
+            assert [item["content"][0]["text"] for item in items] == ["hello"]
+            interrupted = client.get(f"/v1/responses/{background['id']}").json()
+            assert interrupted["status"] == "failed"
+            assert interrupted["error"]["code"] == "server_error"
+            assert "shut down" in interrupted["error"]["message"]
+    finally:
+        stop_server(uv_server, thread)
+
+
+def test_killed_server_leaves_no_job_in_progress(tmp_path: Path) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "respserve", "serve", "--port", str(port), "--data-dir", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base_url}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        background = httpx.post(f"{base_url}/v1/responses", json=LONG, timeout=60).json()
+        time.sleep(1.0)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(30)
+
+    uv_server, thread, running = _start(tmp_path)
+    try:
+        after = httpx.get(f"{running.base_url}/v1/responses/{background['id']}").json()
+        assert after["status"] == "failed"
+        assert "restarted" in after["error"]["message"]
+    finally:
+        stop_server(uv_server, thread)
