@@ -31,3 +31,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/pip install -q matplotlib
+	$(BIN)/python scripts/bench.py $(ARGS)
