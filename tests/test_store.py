@@ -42,11 +42,15 @@ def test_retrieve_and_delete(client: openai.OpenAI, server: RunningServer, http,
     assert retrieved.output_text == created.output_text
     assert retrieved.metadata == {"k": "v"} and retrieved.usage == created.usage
 
+    other = _create(client, server, input="Hi")
     deleted = http.delete(f"/v1/responses/{created.id}")
     assert deleted.json() == {"id": created.id, "object": "response", "deleted": True}
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(created.id)
     assert http.delete(f"/v1/responses/{created.id}").status_code == 404
+    client.responses.delete(other.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(other.id)
 
 
 def test_store_false_is_not_retrievable(client: openai.OpenAI, server: RunningServer) -> None:
@@ -135,6 +139,7 @@ def test_conversation_lifecycle(client: openai.OpenAI, server: RunningServer) ->
     assert updated.metadata == {"topic": "food"}
 
     reply = _create(client, server, input="Which word did I ask you to remember?", conversation=conversation.id)
+    assert reply.conversation is not None and reply.conversation.id == conversation.id
     expected = [
         {"role": "user", "content": "Remember this word: pineapple."},
         {"role": "user", "content": "Which word did I ask you to remember?"},

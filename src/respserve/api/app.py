@@ -18,7 +18,7 @@ from respserve.config import Settings
 from respserve.engine.model_source import resolve_model_source
 from respserve.engine.text_pipeline import TextPipeline
 from respserve.engine.worker import PipelineWorker, WorkerLimits
-from respserve.store.sqlite import SqliteResponseStore
+from respserve.store import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def load_text_model(settings: Settings) -> ServedModel:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    store = SqliteResponseStore(settings.data_dir / "respserve.db")
+    store = open_store(settings.data_dir)
     state = AppState(settings=settings, store=store, background=BackgroundJobs(store))
 
     @asynccontextmanager

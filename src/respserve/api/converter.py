@@ -30,6 +30,7 @@ from respserve.protocol.ids import new_id
 from respserve.protocol.items import OutputMessage
 from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.response import (
+    ConversationRef,
     IncompleteDetails,
     ResponseError,
     ResponseResource,
@@ -47,6 +48,7 @@ def initial_resource(request: CreateResponseRequest, model: str) -> ResponseReso
         status="in_progress",
         model=model,
         previous_response_id=request.previous_response_id,
+        conversation=ConversationRef(id=request.conversation_id) if request.conversation_id else None,
         instructions=request.instructions,
         tools=request.tools or [],
         tool_choice=request.tool_choice or "auto",
