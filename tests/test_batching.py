@@ -57,12 +57,12 @@ def test_a_request_that_raises_fails_alone(server: RunningServer, monkeypatch: p
     # Fault injection: the real worker, with one request's token handling made to raise mid-generation.
     original = Sequence.append
 
-    def append(self: Sequence, token_id: int, eos: frozenset[int]):
+    def append(self: Sequence, token_id: int, eos: frozenset[int], logprobs=None):  # noqa: ANN001
         if len(self.output_ids) == 3 and "POISON" in server.state.default_model.worker.pipeline.tokenizer.decode(
             self.prompt_token_ids
         ):
             raise RuntimeError("injected failure")
-        return original(self, token_id, eos)
+        return original(self, token_id, eos, logprobs)
 
     monkeypatch.setattr(Sequence, "append", append)
     bodies = [{"input": f"Say something about {word}.", "temperature": 0, "max_output_tokens": 16} for word in "abc"]

@@ -73,29 +73,32 @@ def _row(**overrides) -> SamplingRow:
     return SamplingRow(**values)
 
 
-def test_sampler_greedy_topk_topp_and_seeds() -> None:
-    sampler = Sampler(torch.device("cpu"))
+@pytest.fixture(scope="module")
+def sampler(server: RunningServer) -> Sampler:
+    return Sampler(torch.device("cpu"), server.state.default_model.worker.pipeline.grammars)
+
+
+def test_sampler_greedy_topk_topp_and_seeds(sampler: Sampler) -> None:
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
     best = logits.argmax(dim=-1)
     rows = [_row(temperature=0.0), _row(top_k=1), _row(top_p=1e-6), _row(temperature=0.7)]
-    picked = sampler.sample(logits, rows)
-    assert picked[:3].tolist() == best[:3].tolist()
+    picked = sampler.sample(logits, rows).tokens
+    assert picked[:3] == best[:3].tolist()
 
     def seeded(batch_position: int) -> int:
         batch = torch.randn(3, 100)
         batch[batch_position] = logits[0]
         rows = [_row() for _ in range(3)]
         rows[batch_position] = _row(generator=torch.Generator().manual_seed(99))
-        return int(sampler.sample(batch, rows)[batch_position])
+        return sampler.sample(batch, rows).tokens[batch_position]
 
     assert seeded(0) == seeded(2)
 
 
-def test_sampler_penalties_push_repeated_tokens_down() -> None:
-    sampler = Sampler(torch.device("cpu"))
+def test_sampler_penalties_push_repeated_tokens_down(sampler: Sampler) -> None:
     logits = torch.zeros(1, 10)
     logits[0, 3] = 1.0
     counts = torch.zeros(10)
     counts[3] = 2
     row = _row(temperature=0.0, frequency_penalty=1.0, token_counts=counts)
-    assert int(sampler.sample(logits, [row])[0]) != 3
+    assert sampler.sample(logits, [row]).tokens[0] != 3

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from respserve.engine.generation import GenerationOutput, GenerationStatus
-from respserve.protocol.content import OutputText
+from respserve.engine.generation import GenerationOutput, GenerationStatus, TokenLogprob
+from respserve.protocol.content import LogProb, OutputText, TopLogProb
 from respserve.protocol.events import (
     ContentPartAddedEvent,
     ContentPartDoneEvent,
@@ -38,6 +38,15 @@ from respserve.protocol.response import (
     Usage,
 )
 from respserve.protocol.text_format import TextConfig
+
+
+def _wire_logprob(logprob: TokenLogprob) -> LogProb:
+    return LogProb(
+        token=logprob.token,
+        logprob=logprob.logprob,
+        bytes=logprob.bytes,
+        top_logprobs=[TopLogProb(token=top.token, logprob=top.logprob, bytes=top.bytes) for top in logprob.top],
+    )
 
 
 def initial_resource(request: CreateResponseRequest, model: str) -> ResponseResource:
@@ -88,6 +97,8 @@ class ResponseConverter:
         self.resource = resource
         self._message = OutputMessage(id=new_id("msg"), status="in_progress", content=[])
         self._text: list[str] = []
+        self._logprobs: list[LogProb] = []
+        self._pending_logprobs: list[LogProb] = []  # tokens whose text is still held back
         self._sequence_number = 0
 
     def start(self) -> list[StreamEvent]:
@@ -107,13 +118,15 @@ class ResponseConverter:
 
     def on_output(self, output: GenerationOutput) -> list[StreamEvent]:
         events: list[StreamEvent] = []
+        self._pending_logprobs.extend(_wire_logprob(logprob) for logprob in output.logprobs)
         if output.text:
             self._text.append(output.text)
-            events.append(
-                self._event(
-                    OutputTextDeltaEvent(item_id=self._message.id, output_index=0, content_index=0, delta=output.text)
-                )
+            logprobs, self._pending_logprobs = self._pending_logprobs, []
+            self._logprobs.extend(logprobs)
+            delta = OutputTextDeltaEvent(
+                item_id=self._message.id, output_index=0, content_index=0, delta=output.text, logprobs=logprobs
             )
+            events.append(self._event(delta))
         if output.final_status.is_done:
             events.extend(self._finish(output))
         return events
@@ -121,7 +134,7 @@ class ResponseConverter:
     def _finish(self, output: GenerationOutput) -> list[StreamEvent]:
         status = _FINAL_STATUS[output.final_status]
         text = "".join(self._text)
-        part = OutputText(text=text)
+        part = OutputText(text=text, logprobs=self._logprobs)
         self._message.status = "completed" if status == "completed" else "incomplete"
         self._message.content = [part]
         resource = self.resource
@@ -141,7 +154,11 @@ class ResponseConverter:
 
         message_id = self._message.id
         events: list[StreamEvent] = [
-            self._event(OutputTextDoneEvent(item_id=message_id, output_index=0, content_index=0, text=text)),
+            self._event(
+                OutputTextDoneEvent(
+                    item_id=message_id, output_index=0, content_index=0, text=text, logprobs=self._logprobs
+                )
+            ),
             self._event(ContentPartDoneEvent(item_id=message_id, output_index=0, content_index=0, part=part)),
             self._event(OutputItemDoneEvent(output_index=0, item=self._message.model_copy(deep=True))),
         ]

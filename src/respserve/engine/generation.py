@@ -24,6 +24,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the n most likely
+    grammar: str | None = None  # an llguidance grammar the output must follow (JSON schema, ...)
 
     @property
     def greedy(self) -> bool:
@@ -49,6 +51,23 @@ class GenerationStatus(enum.Enum):
         return self is not GenerationStatus.ACTIVE
 
 
+@dataclass(frozen=True)
+class TopToken:
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token with its log-probability and the most likely alternatives."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: list[TopToken]
+
+
 @dataclass
 class GenerationOutput:
     """One step of one request: new text, and the final status once it is done."""
@@ -59,4 +78,4 @@ class GenerationOutput:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None
-    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens behind `text`, when asked for

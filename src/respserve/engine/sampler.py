@@ -7,8 +7,11 @@ own generator, so a seeded request samples the same tokens alone or inside any b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from respserve.engine.structured_output import GrammarCompiler, apply_grammar_masks
 
 
 @dataclass
@@ -22,19 +25,44 @@ class SamplingRow:
     presence_penalty: float
     generator: torch.Generator | None
     token_counts: torch.Tensor | None  # [V] counts of generated tokens, only when a penalty is set
+    matcher: Any = None  # an llguidance matcher when the output follows a grammar
+    top_logprobs: int | None = None  # None: no logprobs for this row
+
+
+@dataclass(frozen=True)
+class RowLogprobs:
+    """The sampled token's log-probability and the `n` most likely tokens, as ids."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class Sample:
+    tokens: list[int]
+    logprobs: list[RowLogprobs | None]
 
 
 class Sampler:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, grammars: GrammarCompiler) -> None:
         self._device = device
+        self._grammars = grammars
         self._default_generator = torch.Generator(device="cpu")
         self._default_generator.seed()
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """logits: [B, V] for the last position of each row. Returns [B] token ids (on the CPU)."""
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> Sample:
+        """logits: [B, V] for the last position of each row."""
         logits = logits.float()
+        tokens = self._pick(logits, rows)
+        return Sample(tokens=tokens.tolist(), logprobs=self._logprobs(logits, tokens, rows))
+
+    def _pick(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         logits = self._apply_penalties(logits, rows)
+        matchers = [row.matcher for row in rows]
+        if any(matcher is not None for matcher in matchers):
+            logits = apply_grammar_masks(logits, matchers, self._grammars.tokenizer.vocab_size)
         greedy = torch.tensor([row.temperature == 0.0 for row in rows], device=logits.device)
         if bool(greedy.all()):
             return logits.argmax(dim=-1).cpu()
@@ -49,6 +77,25 @@ class Sampler:
         picked = torch.searchsorted(cumulative, uniform.unsqueeze(1)).clamp_(max=probs.shape[1] - 1)
         sampled = sorted_index.gather(1, picked).squeeze(1)
         return torch.where(greedy, logits.argmax(dim=-1), sampled).cpu()
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> list[RowLogprobs | None]:
+        """Log-probabilities of the model's own distribution (before penalties, temperature or grammar)."""
+        wanted = [row for row, params in enumerate(rows) if params.top_logprobs is not None]
+        if not wanted:
+            return [None] * len(rows)
+        logprobs = torch.log_softmax(logits[wanted], dim=-1).cpu()
+        most = max(rows[row].top_logprobs or 0 for row in wanted)
+        top_values, top_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
+        result: list[RowLogprobs | None] = [None] * len(rows)
+        for index, row in enumerate(wanted):
+            n = rows[row].top_logprobs or 0
+            result[row] = RowLogprobs(
+                logprob=float(logprobs[index, int(tokens[row])]),
+                top_ids=top_ids[index, :n].tolist(),
+                top_logprobs=top_values[index, :n].tolist(),
+            )
+        return result
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         if all(row.token_counts is None for row in rows):

@@ -7,14 +7,30 @@ from __future__ import annotations
 import torch
 
 from respserve.engine.detokenizer import IncrementalDetokenizer, Tokenizer
-from respserve.engine.generation import GenerationOutput, GenerationRequest, GenerationStatus
-from respserve.engine.sampler import SamplingRow
+from respserve.engine.generation import (
+    GenerationOutput,
+    GenerationRequest,
+    GenerationStatus,
+    TokenLogprob,
+    TopToken,
+)
+from respserve.engine.sampler import RowLogprobs, SamplingRow
 from respserve.engine.stop_strings import StopStringMatcher
+from respserve.engine.structured_output import GrammarCompiler
+from respserve.engine.token_text import TokenTexts
 
 
 class Sequence:
-    def __init__(self, request: GenerationRequest, tokenizer: Tokenizer, vocab_size: int) -> None:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        grammars: GrammarCompiler,
+        token_texts: TokenTexts,
+    ) -> None:
         params = request.sampling
+        self._token_texts = token_texts
         self.request = request
         self.output_ids: list[int] = []
         self.status = GenerationStatus.ACTIVE
@@ -34,6 +50,8 @@ class Sequence:
             presence_penalty=params.presence_penalty,
             generator=generator,
             token_counts=torch.zeros(vocab_size) if penalised else None,
+            matcher=grammars.matcher(params.grammar) if params.grammar else None,
+            top_logprobs=params.logprobs,
         )
 
     @property
@@ -52,25 +70,36 @@ class Sequence:
     def length(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_ids)
 
-    def append(self, token_id: int, eos_token_ids: frozenset[int]) -> GenerationOutput:
+    def append(
+        self, token_id: int, eos_token_ids: frozenset[int], logprobs: RowLogprobs | None = None
+    ) -> GenerationOutput:
         """Adds a sampled token and returns the text it made safe to emit, with the status after it."""
         self.output_ids.append(token_id)
         counts = self.sampling_row.token_counts
         if counts is not None and token_id < counts.shape[0]:
             counts[token_id] += 1
+        matcher = self.sampling_row.matcher
+        grammar_done = False
+        if matcher is not None:
+            matcher.consume_token(token_id)
+            grammar_done = matcher.is_stopped()
         if token_id in eos_token_ids:
             self.status = GenerationStatus.END_OF_SEQUENCE
-            text = self._finish_text(self._detokenizer.flush())
-        else:
-            text = self._stop.feed(self._detokenizer.push(token_id))
-            if self._stop.stopped:
-                self.status = GenerationStatus.END_OF_SEQUENCE
-            elif len(self.output_ids) >= self.request.sampling.max_tokens:
-                self.status = GenerationStatus.MAXIMUM_LENGTH
-                text += self._finish_text(self._detokenizer.flush())
-        return self.output(text)
+            return self.output(self._finish_text(self._detokenizer.flush()))
+        text = self._stop.feed(self._detokenizer.push(token_id))
+        if self._stop.stopped:
+            self.status = GenerationStatus.END_OF_SEQUENCE
+        elif grammar_done:
+            self.status = GenerationStatus.END_OF_SEQUENCE
+            text += self._finish_text(self._detokenizer.flush())
+        elif len(self.output_ids) >= self.request.sampling.max_tokens:
+            self.status = GenerationStatus.MAXIMUM_LENGTH
+            text += self._finish_text(self._detokenizer.flush())
+        return self.output(text, logprobs=[self._token_logprob(token_id, logprobs)] if logprobs else [])
 
-    def output(self, text: str = "", error: str | None = None) -> GenerationOutput:
+    def output(
+        self, text: str = "", error: str | None = None, logprobs: list[TokenLogprob] | None = None
+    ) -> GenerationOutput:
         return GenerationOutput(
             request_id=self.request_id,
             text=text,
@@ -78,7 +107,16 @@ class Sequence:
             prompt_tokens=len(self.prompt_token_ids),
             output_tokens=len(self.output_ids),
             error=error,
+            logprobs=logprobs or [],
         )
+
+    def _token_logprob(self, token_id: int, logprobs: RowLogprobs) -> TokenLogprob:
+        token, raw = self._token_texts.text_and_bytes(token_id)
+        top = []
+        for top_id, top_logprob in zip(logprobs.top_ids, logprobs.top_logprobs, strict=True):
+            top_token, top_raw = self._token_texts.text_and_bytes(top_id)
+            top.append(TopToken(token=top_token, bytes=top_raw, logprob=top_logprob))
+        return TokenLogprob(token=token, bytes=raw, logprob=logprobs.logprob, top=top)
 
     def _finish_text(self, tail: str) -> str:
         text = self._stop.feed(tail)

@@ -13,6 +13,8 @@ from respserve.engine.generation import ChatMessage
 from respserve.engine.kv_cache import BatchKVCache, new_cache
 from respserve.engine.model_source import ModelSource
 from respserve.engine.sequence import Sequence
+from respserve.engine.structured_output import GrammarCompiler
+from respserve.engine.token_text import TokenTexts
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class TextPipeline:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos_ids)
+        self.grammars = GrammarCompiler(tokenizer)
+        self.token_texts = TokenTexts(tokenizer)
 
     @classmethod
     def load(cls, source: ModelSource, device: str = "auto", dtype: str = "auto") -> TextPipeline:

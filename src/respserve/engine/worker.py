@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from respserve.engine.generation import GenerationOutput, GenerationRequest, GenerationStatus
 from respserve.engine.kv_cache import BatchKVCache, empty_batch
-from respserve.engine.sampler import Sampler
+from respserve.engine.sampler import Sample, Sampler
 from respserve.engine.sequence import Sequence
 from respserve.engine.text_pipeline import TextPipeline
 
@@ -86,7 +86,7 @@ class PipelineWorker:
     def __init__(self, pipeline: TextPipeline, limits: WorkerLimits | None = None) -> None:
         self.pipeline = pipeline
         self.limits = limits or WorkerLimits()
-        self._sampler = Sampler(pipeline.device)
+        self._sampler = Sampler(pipeline.device, pipeline.grammars)
         self._inbox: queue.SimpleQueue[GenerationRequest] = queue.SimpleQueue()
         self._waiting: deque[GenerationRequest] = deque()
         self._channels: dict[str, _Channel] = {}
@@ -174,16 +174,20 @@ class PipelineWorker:
             return
         with self._lock:
             self._queued -= len(group)
-        sequences = [Sequence(request, self.pipeline.tokenizer, self.pipeline.vocab_size) for request in group]
+        pipeline = self.pipeline
         try:
-            logits, group_batch = self.pipeline.prefill(sequences)
-            tokens = self._sampler.sample(logits, [sequence.sampling_row for sequence in sequences]).tolist()
+            sequences = [
+                Sequence(request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts)
+                for request in group
+            ]
+            logits, group_batch = pipeline.prefill(sequences)
+            sample = self._sampler.sample(logits, [sequence.sampling_row for sequence in sequences])
         except Exception as exc:  # a bad group must not take the worker down
-            logger.exception("prefill failed for %d requests", len(sequences))
-            for sequence in sequences:
-                self._fail(sequence, exc)
+            logger.exception("prefill failed for %d requests", len(group))
+            for request in group:
+                self._emit(GenerationOutput(request.request_id, final_status=GenerationStatus.FAILED, error=str(exc)))
             return
-        self._advance(sequences, tokens)
+        self._advance(sequences, sample)
         kept = [row for row, sequence in enumerate(sequences) if not sequence.status.is_done]
         if kept:
             group_batch.keep_rows(kept)
@@ -193,20 +197,20 @@ class PipelineWorker:
     def _decode_step(self) -> None:
         try:
             logits = self.pipeline.decode(self._batch, self._running)
-            tokens = self._sampler.sample(logits, [sequence.sampling_row for sequence in self._running]).tolist()
+            sample = self._sampler.sample(logits, [sequence.sampling_row for sequence in self._running])
         except Exception as exc:
             logger.exception("decode step failed for %d sequences", len(self._running))
             for sequence in self._running:
                 self._fail(sequence, exc)
             self._keep(lambda sequence: False)
             return
-        self._advance(self._running, tokens)
+        self._advance(self._running, sample)
         self._keep(lambda sequence: not sequence.status.is_done)
 
-    def _advance(self, sequences: list[Sequence], tokens: list[int]) -> None:
-        for sequence, token in zip(sequences, tokens, strict=True):
+    def _advance(self, sequences: list[Sequence], sample: Sample) -> None:
+        for sequence, token, logprobs in zip(sequences, sample.tokens, sample.logprobs, strict=True):
             try:
-                output = sequence.append(token, self.pipeline.eos_token_ids)
+                output = sequence.append(token, self.pipeline.eos_token_ids, logprobs)
             except Exception as exc:  # this request fails; the rest of the batch goes on
                 logger.exception("request %s failed", sequence.request_id)
                 self._fail(sequence, exc)

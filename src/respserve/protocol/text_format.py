@@ -22,7 +22,7 @@ class JsonSchemaFormat(WireModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema", serialization_alias="schema")
-    strict: bool | None = None
+    strict: bool = False
 
 
 class TextConfig(WireModel):

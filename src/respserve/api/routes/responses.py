@@ -20,6 +20,7 @@ from respserve.api.pagination import Include, Limit, Order
 from respserve.api.response_runner import Persistence, ResponseRunner
 from respserve.api.state import AppState, ServedModel, StateDep
 from respserve.engine.generation import GenerationRequest, SamplingParams
+from respserve.engine.structured_output import GrammarCompiler, InvalidGrammar
 from respserve.engine.text_pipeline import ContextLengthExceeded
 from respserve.engine.worker import QueueFull
 from respserve.protocol.ids import new_id
@@ -27,9 +28,11 @@ from respserve.protocol.items import InputItem
 from respserve.protocol.lists import ItemList
 from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.response import ResponseDeleted
+from respserve.protocol.text_format import JsonObjectFormat, JsonSchemaFormat
 
 router = APIRouter()
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # Seconds a client told 429 should wait: about one short generation on a loaded CPU.
 RETRY_AFTER_S = 1
 
@@ -112,6 +115,8 @@ async def _generation_request(
         prompt = await asyncio.to_thread(pipeline.render_prompt, messages)
     except ContextLengthExceeded as exc:
         raise InvalidRequestError(str(exc), param="input", code="context_length_exceeded") from exc
+    # Compiling a schema (and, the first time, the grammar tokenizer) is CPU work too.
+    grammar = await asyncio.to_thread(_grammar, body, pipeline.grammars)
     room = pipeline.context_length - len(prompt)
     max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, room)
     sampling = SamplingParams(
@@ -123,8 +128,25 @@ async def _generation_request(
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         stop=tuple(body.stop_sequences),
+        logprobs=(body.top_logprobs or 0) if LOGPROBS_INCLUDE in (body.include or []) else None,
+        grammar=grammar,
     )
     return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling)
+
+
+def _grammar(body: CreateResponseRequest, grammars: GrammarCompiler) -> str | None:
+    """The grammar `text.format` asks for: none for plain text, else a JSON schema's."""
+    text_format = body.text.format if body.text else None
+    if isinstance(text_format, JsonObjectFormat):
+        return grammars.json_schema({"type": "object"})
+    if isinstance(text_format, JsonSchemaFormat):
+        try:
+            return grammars.json_schema(text_format.schema_)
+        except InvalidGrammar as exc:
+            raise InvalidRequestError(
+                f"Invalid JSON schema in 'text.format.schema': {exc}", param="text.format.schema"
+            ) from exc
+    return None
 
 
 async def _stream(runner: ResponseRunner) -> AsyncIterator[ServerSentEvent]:
