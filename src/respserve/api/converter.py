@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from respserve.api.output_parsers import CallArguments, CallStart, OutputParser, Segment, TextSegment
 from respserve.engine.generation import GenerationOutput, GenerationStatus, TokenLogprob
 from respserve.protocol.content import LogProb, OutputText, TopLogProb
 from respserve.protocol.events import (
@@ -15,6 +16,8 @@ from respserve.protocol.events import (
     ContentPartDoneEvent,
     ErrorEvent,
     ErrorEventPayload,
+    FunctionCallArgumentsDeltaEvent,
+    FunctionCallArgumentsDoneEvent,
     OutputItemAddedEvent,
     OutputItemDoneEvent,
     OutputTextDeltaEvent,
@@ -27,7 +30,7 @@ from respserve.protocol.events import (
     StreamEvent,
 )
 from respserve.protocol.ids import new_id
-from respserve.protocol.items import OutputMessage
+from respserve.protocol.items import FunctionCallItem, MessageStatus, OutputMessage
 from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.response import (
     ConversationRef,
@@ -93,53 +96,151 @@ _FINAL_STATUS: dict[GenerationStatus, ResponseStatus] = {
 
 
 class ResponseConverter:
-    def __init__(self, resource: ResponseResource) -> None:
+    """Keeps the output items of one response and the stream events that build them.
+
+    The parser splits the model's text into message text and function calls; a message item opens at the
+    first text and closes when a call starts or the response ends.
+    """
+
+    def __init__(
+        self, resource: ResponseResource, parser: OutputParser | None = None, max_tool_calls: int | None = None
+    ) -> None:
         self.resource = resource
-        self._message = OutputMessage(id=new_id("msg"), status="in_progress", content=[])
+        self._parser = parser or OutputParser()
+        self._max_tool_calls = max_tool_calls
+        self._items: list[OutputMessage | FunctionCallItem] = []
+        self._message: OutputMessage | None = None
         self._text: list[str] = []
         self._logprobs: list[LogProb] = []
         self._pending_logprobs: list[LogProb] = []  # tokens whose text is still held back
+        self._call: FunctionCallItem | None = None
+        self._arguments: list[str] = []
+        self._skipping_call = False  # a call past max_tool_calls is dropped
         self._sequence_number = 0
 
     def start(self) -> list[StreamEvent]:
-        """The events before the first token: created, in progress, the message and its empty text part."""
-        created = self._event(ResponseCreatedEvent(response=self._snapshot()))  # queued, for background
+        """The events before the first token: created (queued, for background), then in progress."""
+        created = self._event(ResponseCreatedEvent(response=self._snapshot()))
         self.resource.status = "in_progress"
-        return [
-            created,
-            self._event(ResponseInProgressEvent(response=self._snapshot())),
-            self._event(OutputItemAddedEvent(output_index=0, item=self._message.model_copy(deep=True))),
-            self._event(
-                ContentPartAddedEvent(
-                    item_id=self._message.id, output_index=0, content_index=0, part=OutputText(text="")
-                )
-            ),
-        ]
+        return [created, self._event(ResponseInProgressEvent(response=self._snapshot()))]
 
     def on_output(self, output: GenerationOutput) -> list[StreamEvent]:
-        events: list[StreamEvent] = []
         self._pending_logprobs.extend(_wire_logprob(logprob) for logprob in output.logprobs)
-        if output.text:
-            self._text.append(output.text)
-            logprobs, self._pending_logprobs = self._pending_logprobs, []
-            self._logprobs.extend(logprobs)
-            delta = OutputTextDeltaEvent(
-                item_id=self._message.id, output_index=0, content_index=0, delta=output.text, logprobs=logprobs
-            )
-            events.append(self._event(delta))
+        events: list[StreamEvent] = []
+        for segment in self._parser.feed(output.text):
+            events.extend(self._apply(segment))
         if output.final_status.is_done:
+            for segment in self._parser.finish():
+                events.extend(self._apply(segment))
             events.extend(self._finish(output))
         return events
 
-    def _finish(self, output: GenerationOutput) -> list[StreamEvent]:
-        status = _FINAL_STATUS[output.final_status]
+    # ---- segments ------------------------------------------------------------------------------------------
+    def _apply(self, segment: Segment) -> list[StreamEvent]:
+        if isinstance(segment, TextSegment):
+            return self._message_delta(segment.text)
+        if isinstance(segment, CallStart):
+            return self._start_call(segment.name)
+        if isinstance(segment, CallArguments):
+            if self._call is None:
+                return []
+            self._arguments.append(segment.delta)
+            delta = FunctionCallArgumentsDeltaEvent(
+                item_id=self._call.id, output_index=self._index, delta=segment.delta
+            )
+            return [self._event(delta)]
+        return self._close_call("completed")
+
+    @property
+    def _index(self) -> int:
+        return len(self._items) - 1
+
+    def _message_delta(self, text: str) -> list[StreamEvent]:
+        if not text or self._call is not None:
+            return []
+        events = [] if self._message is not None else self._open_message()
+        assert self._message is not None
+        self._text.append(text)
+        logprobs, self._pending_logprobs = self._pending_logprobs, []
+        self._logprobs.extend(logprobs)
+        delta = OutputTextDeltaEvent(
+            item_id=self._message.id, output_index=self._index, content_index=0, delta=text, logprobs=logprobs
+        )
+        return [*events, self._event(delta)]
+
+    def _open_message(self) -> list[StreamEvent]:
+        self._message = OutputMessage(id=new_id("msg"), status="in_progress", content=[])
+        self._items.append(self._message)
+        self._text, self._logprobs = [], []
+        empty = OutputText(text="")
+        return [
+            self._event(OutputItemAddedEvent(output_index=self._index, item=self._message.model_copy(deep=True))),
+            self._event(
+                ContentPartAddedEvent(item_id=self._message.id, output_index=self._index, content_index=0, part=empty)
+            ),
+        ]
+
+    def _close_message(self, status: MessageStatus) -> list[StreamEvent]:
+        message = self._message
+        if message is None:
+            return []
+        self._message = None
+        index = self._items.index(message)
         text = "".join(self._text)
         part = OutputText(text=text, logprobs=self._logprobs)
-        self._message.status = "completed" if status == "completed" else "incomplete"
-        self._message.content = [part]
+        message.status = status
+        message.content = [part]
+        done = OutputTextDoneEvent(
+            item_id=message.id, output_index=index, content_index=0, text=text, logprobs=self._logprobs
+        )
+        return [
+            self._event(done),
+            self._event(ContentPartDoneEvent(item_id=message.id, output_index=index, content_index=0, part=part)),
+            self._event(OutputItemDoneEvent(output_index=index, item=message.model_copy(deep=True))),
+        ]
+
+    def _start_call(self, name: str) -> list[StreamEvent]:
+        events = self._close_message("completed")
+        self._pending_logprobs = []  # those tokens were call markup, not text
+        calls = sum(isinstance(item, FunctionCallItem) for item in self._items)
+        if self._max_tool_calls is not None and calls >= self._max_tool_calls:
+            return events
+        self._call = FunctionCallItem(
+            id=new_id("fc"), call_id=new_id("call"), name=name, arguments="", status="in_progress"
+        )
+        self._items.append(self._call)
+        self._arguments = []
+        events.append(self._event(OutputItemAddedEvent(output_index=self._index, item=self._call.model_copy())))
+        return events
+
+    def _close_call(self, status: MessageStatus) -> list[StreamEvent]:
+        call = self._call
+        if call is None:
+            return []
+        self._call = None
+        index = self._items.index(call)
+        call.arguments = "".join(self._arguments)
+        call.status = status
+        return [
+            self._event(
+                FunctionCallArgumentsDoneEvent(
+                    item_id=call.id, output_index=index, name=call.name, arguments=call.arguments
+                )
+            ),
+            self._event(OutputItemDoneEvent(output_index=index, item=call.model_copy())),
+        ]
+
+    # ---- the end ---------------------------------------------------------------------------------------------
+    def _finish(self, output: GenerationOutput) -> list[StreamEvent]:
+        status = _FINAL_STATUS[output.final_status]
+        item_status: MessageStatus = "completed" if status == "completed" else "incomplete"
+        events = self._close_call(item_status)
+        if not self._items:
+            events.extend(self._open_message())  # an empty answer is still one (empty) message
+        events.extend(self._close_message(item_status))
         resource = self.resource
         resource.status = status
-        resource.output = [self._message]
+        resource.output = list(self._items)
         resource.usage = Usage(
             input_tokens=output.prompt_tokens,
             output_tokens=output.output_tokens,
@@ -151,20 +252,7 @@ class ResponseConverter:
             resource.incomplete_details = IncompleteDetails(reason="max_output_tokens")
         if status == "failed":
             resource.error = ResponseError(code="server_error", message=output.error or "generation failed")
-
-        message_id = self._message.id
-        events: list[StreamEvent] = [
-            self._event(
-                OutputTextDoneEvent(
-                    item_id=message_id, output_index=0, content_index=0, text=text, logprobs=self._logprobs
-                )
-            ),
-            self._event(ContentPartDoneEvent(item_id=message_id, output_index=0, content_index=0, part=part)),
-            self._event(OutputItemDoneEvent(output_index=0, item=self._message.model_copy(deep=True))),
-        ]
-        if status == "failed":
-            message = resource.error.message if resource.error else "generation failed"
-            payload = ErrorEventPayload(type="server_error", code="server_error", message=message)
+            payload = ErrorEventPayload(type="server_error", code="server_error", message=resource.error.message)
             events.append(
                 self._event(ErrorEvent(code=payload.code, message=payload.message, param=None, error=payload))
             )

@@ -90,6 +90,21 @@ class OutputTextDoneEvent(StreamEvent):
     logprobs: list[LogProb] = Field(default_factory=list)
 
 
+class FunctionCallArgumentsDeltaEvent(StreamEvent):
+    type: Literal["response.function_call_arguments.delta"] = "response.function_call_arguments.delta"
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class FunctionCallArgumentsDoneEvent(StreamEvent):
+    type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
+    item_id: str
+    output_index: int
+    name: str
+    arguments: str
+
+
 class ErrorEventPayload(BaseModel):
     type: str
     code: str | None

@@ -31,6 +31,27 @@ class AssistantInputMessage(WireModel):
     status: MessageStatus | None = None
 
 
+class FunctionCallInput(WireModel):
+    """A function call the model made earlier, sent back as input."""
+
+    type: Literal["function_call"] = "function_call"
+    id: str | None = None
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class FunctionCallOutputInput(WireModel):
+    """What the caller's function returned for `call_id`."""
+
+    type: Literal["function_call_output"] = "function_call_output"
+    id: str | None = None
+    call_id: str
+    output: str | list[InputContent]
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
 def _item_tag(value: Any) -> str | None:
     """Messages are told apart by role, other items by type; a missing type means a message."""
     get = value.get if isinstance(value, dict) else lambda key, default=None: getattr(value, key, default)
@@ -41,7 +62,10 @@ def _item_tag(value: Any) -> str | None:
 
 
 InputItem = Annotated[
-    Annotated[InputMessage, Tag("message:input")] | Annotated[AssistantInputMessage, Tag("message:assistant")],
+    Annotated[InputMessage, Tag("message:input")]
+    | Annotated[AssistantInputMessage, Tag("message:assistant")]
+    | Annotated[FunctionCallInput, Tag("function_call")]
+    | Annotated[FunctionCallOutputInput, Tag("function_call_output")],
     Discriminator(_item_tag, custom_error_type="invalid_item", custom_error_message="unsupported input item"),
 ]
 
@@ -54,4 +78,13 @@ class OutputMessage(BaseModel):
     content: list[OutputText] = Field(default_factory=list)
 
 
-OutputItem = OutputMessage
+class FunctionCallItem(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: MessageStatus
+
+
+OutputItem = Annotated[OutputMessage | FunctionCallItem, Field(discriminator="type")]

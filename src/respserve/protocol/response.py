@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from respserve.protocol.items import OutputItem
+from respserve.protocol.items import OutputItem, OutputMessage
 from respserve.protocol.request import ReasoningConfig
 from respserve.protocol.text_format import TextConfig
 from respserve.protocol.tools import Tool, ToolChoice
@@ -89,7 +89,7 @@ class ResponseResource(BaseModel):
 
     @property
     def output_text(self) -> str:
-        return "".join(part.text for item in self.output for part in item.content)
+        return "".join(part.text for item in self.output if isinstance(item, OutputMessage) for part in item.content)
 
     def to_wire(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,163 @@
+"""Output parsers: the model's text stream split into message text and function calls.
+
+A parser takes text deltas and returns segments: message text that is safe to show, and the start,
+argument deltas and end of each function call. Tool-call markup is held back, never shown as text.
+Which parser a request gets depends on its tools and `tool_choice`; which markup, on the model
+(`tool_parser` setting: `hermes` is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, as Qwen and
+Hermes models write it and as respserve's fallback tool prompt asks; `json` is a bare JSON object).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from respserve.engine.stop_strings import StopStringMatcher
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    text: str
+
+
+@dataclass(frozen=True)
+class CallStart:
+    name: str
+
+
+@dataclass(frozen=True)
+class CallArguments:
+    delta: str
+
+
+@dataclass(frozen=True)
+class CallEnd:
+    pass
+
+
+Segment = TextSegment | CallStart | CallArguments | CallEnd
+
+
+class OutputParser:
+    """Plain text: everything is message text."""
+
+    def feed(self, text: str) -> list[Segment]:
+        return [TextSegment(text)] if text else []
+
+    def finish(self) -> list[Segment]:
+        return []
+
+
+def _call_segments(call: Any) -> list[Segment] | None:
+    """A parsed `{"name": ..., "arguments": {...}}` object as call segments; None if it is not one."""
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    arguments = call.get("arguments", call.get("parameters", {}))
+    if not isinstance(arguments, dict):
+        return None
+    return [CallStart(call["name"]), CallArguments(json.dumps(arguments)), CallEnd()]
+
+
+class HermesToolParser(OutputParser):
+    """`<tool_call>{...}</tool_call>` blocks anywhere in the text; the rest is message text."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self) -> None:
+        self._outside = StopStringMatcher((self.OPEN,))
+        self._inside: str | None = None  # the block's text while inside one
+
+    def feed(self, text: str) -> list[Segment]:
+        segments: list[Segment] = []
+        while text:
+            if self._inside is None:
+                shown = self._outside.feed(text)
+                if shown:
+                    segments.append(TextSegment(shown))
+                if not self._outside.stopped:
+                    return segments
+                # The rest of `text` after the opening tag.
+                text = text[text.index(self.OPEN) + len(self.OPEN) :] if self.OPEN in text else ""
+                self._inside, self._outside = "", StopStringMatcher((self.OPEN,))
+            else:
+                self._inside += text
+                text = ""
+                if self.CLOSE in self._inside:
+                    block, text = self._inside.split(self.CLOSE, 1)
+                    self._inside = None
+                    segments.extend(self._block(block))
+        return segments
+
+    def finish(self) -> list[Segment]:
+        if self._inside is not None:  # an unterminated block: a call if it parses, else text
+            block, self._inside = self._inside, None
+            return self._block(block)
+        held = self._outside.flush()
+        return [TextSegment(held)] if held else []
+
+    def _block(self, block: str) -> list[Segment]:
+        try:
+            segments = _call_segments(json.loads(block))
+        except json.JSONDecodeError:
+            segments = None
+        return segments if segments is not None else [TextSegment(f"{self.OPEN}{block}{self.CLOSE}")]
+
+
+class JsonToolParser(OutputParser):
+    """A reply that is a bare JSON object `{"name", "arguments"}` (or a list of them) is a call."""
+
+    def __init__(self) -> None:
+        self._mode: str | None = None  # None until the first visible character: "json" or "text"
+        self._buffer = ""
+
+    def feed(self, text: str) -> list[Segment]:
+        if self._mode is None:
+            self._buffer += text
+            stripped = self._buffer.lstrip()
+            if not stripped:
+                return []
+            self._mode = "json" if stripped[0] in "{[" else "text"
+            if self._mode == "json":
+                return []
+            text, self._buffer = self._buffer, ""
+        if self._mode == "json":
+            self._buffer += text
+            return []
+        return [TextSegment(text)] if text else []
+
+    def finish(self) -> list[Segment]:
+        if self._mode != "json":
+            return [TextSegment(self._buffer)] if self._buffer else []
+        try:
+            parsed = json.loads(self._buffer)
+        except json.JSONDecodeError:
+            return [TextSegment(self._buffer)]
+        segments: list[Segment] = []
+        for call in parsed if isinstance(parsed, list) else [parsed]:
+            call_segments = _call_segments(call)
+            if call_segments is None:
+                return [TextSegment(self._buffer)]
+            segments.extend(call_segments)
+        return segments
+
+
+class ForcedArgumentsParser(OutputParser):
+    """Output constrained to one named function's arguments: every delta is an arguments delta."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._started = False
+
+    def feed(self, text: str) -> list[Segment]:
+        segments: list[Segment] = []
+        if not self._started:
+            self._started = True
+            segments.append(CallStart(self._name))
+        if text:
+            segments.append(CallArguments(text))
+        return segments
+
+    def finish(self) -> list[Segment]:
+        start: list[Segment] = [] if self._started else [CallStart(self._name)]
+        return [*start, CallEnd()]
