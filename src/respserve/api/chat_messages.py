@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 from respserve.api.errors import InvalidRequestError
-from respserve.engine.generation import ChatMessage
+from respserve.engine.generation import ChatMessage, ToolCallTurn
 from respserve.protocol.content import InputFile, InputImage, InputText, OutputText, Refusal
-from respserve.protocol.items import AssistantInputMessage, InputItem, InputMessage
+from respserve.protocol.items import FunctionCallInput, FunctionCallOutputInput, InputItem
 from respserve.protocol.request import CreateResponseRequest
 
 # Open chat templates know `system`, not OpenAI's `developer`: both carry the same authority.
@@ -20,23 +23,42 @@ def build_chat_messages(
     if request.instructions:
         messages.append(ChatMessage(role="system", content=request.instructions))
     for item in context:
-        messages.append(_message(item, "input", model, accepts_images))
+        _append(messages, _message(item, "input", model, accepts_images))
     if isinstance(request.input, str):
         messages.append(ChatMessage(role="user", content=request.input))
     else:
         for index, item in enumerate(request.input):
-            messages.append(_message(item, f"input[{index}]", model, accepts_images))
+            _append(messages, _message(item, f"input[{index}]", model, accepts_images))
     if not any(message.role != "system" for message in messages):
         raise InvalidRequestError("'input' must hold at least one user or assistant message.", param="input")
     return messages
 
 
-def _message(item: InputMessage | AssistantInputMessage, param: str, model: str, accepts_images: bool) -> ChatMessage:
+def _append(messages: list[ChatMessage], message: ChatMessage) -> None:
+    """Adds a turn; a function call joins the assistant turn before it (one turn, several calls)."""
+    previous = messages[-1] if messages else None
+    if message.tool_calls and previous is not None and previous.role == "assistant":
+        messages[-1] = replace(previous, tool_calls=previous.tool_calls + message.tool_calls)
+    else:
+        messages.append(message)
+
+
+def _message(item: InputItem, param: str, model: str, accepts_images: bool) -> ChatMessage:
+    if isinstance(item, FunctionCallInput):
+        call = ToolCallTurn(call_id=item.call_id, name=item.name, arguments=item.arguments)
+        return ChatMessage(role="assistant", content="", tool_calls=(call,))
+    if isinstance(item, FunctionCallOutputInput):
+        output = item.output if isinstance(item.output, str) else _text(item.output, param, model, accepts_images)
+        return ChatMessage(role="tool", content=output, tool_call_id=item.call_id)
     role = _TEMPLATE_ROLES.get(item.role, item.role)
     if isinstance(item.content, str):
         return ChatMessage(role=role, content=item.content)
+    return ChatMessage(role=role, content=_text(item.content, param, model, accepts_images))
+
+
+def _text(content: list[Any], param: str, model: str, accepts_images: bool) -> str:
     texts = []
-    for index, part in enumerate(item.content):
+    for index, part in enumerate(content):
         part_param = f"{param}.content[{index}]"
         if isinstance(part, InputText | OutputText):
             texts.append(part.text)
@@ -55,4 +77,4 @@ def _message(item: InputMessage | AssistantInputMessage, param: str, model: str,
                 param=part_param,
                 code="unsupported_content",
             )
-    return ChatMessage(role=role, content="\n".join(texts))
+    return "\n".join(texts)

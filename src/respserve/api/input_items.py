@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from respserve.protocol.ids import new_id
-from respserve.protocol.items import AssistantInputMessage, InputItem
+from respserve.protocol.items import AssistantInputMessage, FunctionCallInput, FunctionCallOutputInput, InputItem
 
 _ITEMS = TypeAdapter(list[InputItem])
 
@@ -23,6 +23,10 @@ def stored_input_items(request_input: str | list[Any]) -> list[dict[str, Any]]:
     stored = []
     for item in request_input:
         data = item.model_dump(mode="json", exclude_none=True)
+        if isinstance(item, FunctionCallInput | FunctionCallOutputInput):
+            prefix = "fc" if isinstance(item, FunctionCallInput) else "fco"
+            stored.append({**data, "id": item.id or new_id(prefix), "status": item.status or "completed"})
+            continue
         if isinstance(data["content"], str):
             part_type = "output_text" if isinstance(item, AssistantInputMessage) else "input_text"
             data["content"] = [{"type": part_type, "text": data["content"]}]

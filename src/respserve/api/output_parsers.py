@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from respserve.engine.stop_strings import StopStringMatcher
+from respserve.engine.stop_strings import partial_match_length
 
 
 @dataclass(frozen=True)
@@ -65,43 +65,49 @@ class HermesToolParser(OutputParser):
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
     def __init__(self) -> None:
-        self._outside = StopStringMatcher((self.OPEN,))
-        self._inside: str | None = None  # the block's text while inside one
+        self._buffer = ""
+        self._inside = False
 
     def feed(self, text: str) -> list[Segment]:
+        self._buffer += text
         segments: list[Segment] = []
-        while text:
-            if self._inside is None:
-                shown = self._outside.feed(text)
-                if shown:
-                    segments.append(TextSegment(shown))
-                if not self._outside.stopped:
+        while True:
+            if self._inside:
+                end = self._buffer.find(self.CLOSE)
+                if end < 0:
                     return segments
-                # The rest of `text` after the opening tag.
-                text = text[text.index(self.OPEN) + len(self.OPEN) :] if self.OPEN in text else ""
-                self._inside, self._outside = "", StopStringMatcher((self.OPEN,))
+                block, self._buffer = self._buffer[:end], self._buffer[end + len(self.CLOSE) :]
+                self._inside = False
+                segments.extend(self._block(block))
+                continue
+            start = self._buffer.find(self.OPEN)
+            if start >= 0:
+                shown, self._buffer = self._buffer[:start], self._buffer[start + len(self.OPEN) :]
+                self._inside = True
             else:
-                self._inside += text
-                text = ""
-                if self.CLOSE in self._inside:
-                    block, text = self._inside.split(self.CLOSE, 1)
-                    self._inside = None
-                    segments.extend(self._block(block))
-        return segments
+                # Hold back a tail that may still become the opening tag.
+                keep = partial_match_length(self._buffer, (self.OPEN,))
+                shown, self._buffer = self._buffer[: len(self._buffer) - keep], self._buffer[len(self._buffer) - keep :]
+            if shown:
+                segments.append(TextSegment(shown))
+            if not self._inside:
+                return segments
 
     def finish(self) -> list[Segment]:
-        if self._inside is not None:  # an unterminated block: a call if it parses, else text
-            block, self._inside = self._inside, None
-            return self._block(block)
-        held = self._outside.flush()
-        return [TextSegment(held)] if held else []
+        rest, self._buffer = self._buffer, ""
+        if self._inside:  # an unterminated block: a call if it parses, else text
+            self._inside = False
+            return self._block(rest, closed=False)
+        return [TextSegment(rest)] if rest else []
 
-    def _block(self, block: str) -> list[Segment]:
+    def _block(self, block: str, closed: bool = True) -> list[Segment]:
         try:
             segments = _call_segments(json.loads(block))
         except json.JSONDecodeError:
             segments = None
-        return segments if segments is not None else [TextSegment(f"{self.OPEN}{block}{self.CLOSE}")]
+        if segments is not None:
+            return segments
+        return [TextSegment(f"{self.OPEN}{block}{self.CLOSE if closed else ''}")]
 
 
 class JsonToolParser(OutputParser):

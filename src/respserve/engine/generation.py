@@ -4,14 +4,35 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ToolCallTurn:
+    """A function call the assistant made, as a chat turn carries it."""
+
+    call_id: str
+    name: str
+    arguments: str  # JSON
 
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One turn of the conversation, as the chat template sees it."""
+    """One turn of the conversation, as the chat template sees it (role `tool` answers a call)."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCallTurn, ...] = ()
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call."""
+
+    name: str
+    description: str | None
+    parameters: dict[str, Any]
 
 
 @dataclass(frozen=True)

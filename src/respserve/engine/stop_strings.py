@@ -21,7 +21,7 @@ class StopStringMatcher:
             self.stopped = True
             self._held = ""
             return text[: min(matches)]
-        keep = self._partial_match_length(text)
+        keep = partial_match_length(text, self._stops)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
@@ -29,11 +29,13 @@ class StopStringMatcher:
         held, self._held = self._held, ""
         return held
 
-    def _partial_match_length(self, text: str) -> int:
-        longest = 0
-        for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
+
+def partial_match_length(text: str, patterns: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that is a proper beginning of one of `patterns`."""
+    longest = 0
+    for pattern in patterns:
+        for size in range(min(len(pattern) - 1, len(text)), longest, -1):
+            if text.endswith(pattern[:size]):
+                longest = size
+                break
+    return longest

@@ -9,12 +9,13 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from respserve.engine.generation import ChatMessage
+from respserve.engine.generation import ChatMessage, ToolSpec
 from respserve.engine.kv_cache import BatchKVCache, new_cache
 from respserve.engine.model_source import ModelSource
 from respserve.engine.sequence import Sequence
 from respserve.engine.structured_output import GrammarCompiler
 from respserve.engine.token_text import TokenTexts
+from respserve.engine.tool_prompt import fallback_turns, native_tools, native_turn, template_knows_tools
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +85,24 @@ class TextPipeline:
         )
         return cls(model, tokenizer, torch_device)
 
-    def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
+    def render_prompt(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> list[int]:
         """Token ids of the chat-templated conversation, ending with the assistant's generation prompt."""
-        conversation = [{"role": message.role, "content": message.content} for message in messages]
-        if self.tokenizer.chat_template:
-            ids = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        else:
+        tools = tools or []
+        if not self.tokenizer.chat_template:
             # Base models without a template: plain concatenation, as transformers' pipelines do.
             ids = self.tokenizer("\n".join(message.content for message in messages))["input_ids"]
+        elif template_knows_tools(self.tokenizer.chat_template):
+            ids = self.tokenizer.apply_chat_template(
+                [native_turn(message) for message in messages],
+                tools=native_tools(tools) or None,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        else:
+            ids = self.tokenizer.apply_chat_template(
+                fallback_turns(messages, tools), add_generation_prompt=True, tokenize=True, return_dict=False
+            )
         if len(ids) >= self.context_length:
             raise ContextLengthExceeded(len(ids), self.context_length)
         return list(ids)

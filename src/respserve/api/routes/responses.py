@@ -19,6 +19,7 @@ from respserve.api.input_items import context_items, stored_input_items
 from respserve.api.pagination import Include, Limit, Order
 from respserve.api.response_runner import Persistence, ResponseRunner
 from respserve.api.state import AppState, ServedModel, StateDep
+from respserve.api.tool_calling import ToolPlan, plan_tools
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.structured_output import GrammarCompiler, InvalidGrammar
 from respserve.engine.text_pipeline import ContextLengthExceeded
@@ -51,7 +52,7 @@ async def create_response(
     owner = None
     stored_context = await _stored_context(body, state, owner)
     input_items = stored_input_items(body.input)
-    generation = await _generation_request(body, stored_context, served, state)
+    generation, tool_plan = await _generation_request(body, stored_context, served, state)
 
     resource = initial_resource(body, served.name)
     if body.background:
@@ -72,7 +73,10 @@ async def create_response(
         conversation_id=body.conversation_id,
         record_events=body.background and body.stream,
     )
-    runner = ResponseRunner(ResponseConverter(resource), outputs, persistence)
+    # One call when parallel calls are off; at most max_tool_calls otherwise.
+    max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
+    converter = ResponseConverter(resource, tool_plan.parser, max_tool_calls=max_calls)
+    runner = ResponseRunner(converter, outputs, persistence)
     await runner.save_initial()
 
     if body.background:
@@ -107,16 +111,16 @@ async def _stored_context(body: CreateResponseRequest, state: AppState, owner: s
 
 async def _generation_request(
     body: CreateResponseRequest, context: list[InputItem], served: ServedModel, state: AppState
-) -> GenerationRequest:
+) -> tuple[GenerationRequest, ToolPlan]:
     pipeline = served.worker.pipeline
     messages = build_chat_messages(body, context, served.name, pipeline.accepts_images)
+    # Compiling schemas (and, the first time, the grammar tokenizer) is CPU work: off the event loop.
+    plan = await asyncio.to_thread(plan_tools, body, pipeline.grammars, state.settings.tool_parser)
+    grammar = plan.grammar or await asyncio.to_thread(_grammar, body, pipeline.grammars)
     try:
-        # Tokenising a long prompt is CPU work: keep it off the event loop.
-        prompt = await asyncio.to_thread(pipeline.render_prompt, messages)
+        prompt = await asyncio.to_thread(pipeline.render_prompt, messages, plan.tools)
     except ContextLengthExceeded as exc:
         raise InvalidRequestError(str(exc), param="input", code="context_length_exceeded") from exc
-    # Compiling a schema (and, the first time, the grammar tokenizer) is CPU work too.
-    grammar = await asyncio.to_thread(_grammar, body, pipeline.grammars)
     room = pipeline.context_length - len(prompt)
     max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, room)
     sampling = SamplingParams(
@@ -131,7 +135,7 @@ async def _generation_request(
         logprobs=(body.top_logprobs or 0) if LOGPROBS_INCLUDE in (body.include or []) else None,
         grammar=grammar,
     )
-    return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling)
+    return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling), plan
 
 
 def _grammar(body: CreateResponseRequest, grammars: GrammarCompiler) -> str | None:
