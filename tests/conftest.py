@@ -110,10 +110,20 @@ class OpenResponsesSchema:
         self._validate(_as_open_responses(body), "ResponseResource")
 
     def event(self, event: dict[str, Any]) -> None:
+        if event["type"] in _OPENAI_EVENT_NAMES:
+            event = {**event, "type": _OPENAI_EVENT_NAMES[event["type"]]}
         assert event["type"] in self._event_schemas, f"unknown event type {event['type']}"
         if "response" in event:
             event = {**event, "response": _as_open_responses(event["response"])}
         self._validate(event, self._event_schemas[event["type"]])
+
+
+# respserve sends reasoning text under the OpenAI SDK's event names; Open Responses names the same events
+# (same fields) `response.reasoning.delta/.done`.
+_OPENAI_EVENT_NAMES = {
+    "response.reasoning_text.delta": "response.reasoning.delta",
+    "response.reasoning_text.done": "response.reasoning.done",
+}
 
 
 def _as_open_responses(body: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", dest="data_dir", help="where stored responses and conversations live")
     serve.add_argument("--max-output-tokens", dest="max_output_tokens", type=int)
     serve.add_argument("--tool-parser", dest="tool_parser", choices=["hermes", "json"])
+    serve.add_argument("--reasoning-parser", dest="reasoning_parser", choices=["auto", "think", "none"])
     serve.add_argument("--max-running", dest="max_running", type=int)
     serve.add_argument("--max-queued", dest="max_queued", type=int)
     serve.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int)

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     tool_parser: Literal["hermes", "json"] = Field(
         default="hermes", description="How tool calls are read from output: <tool_call> blocks, or bare JSON."
     )
+    reasoning_parser: Literal["auto", "think", "none"] = Field(
+        default="auto", description="Read <think> blocks as reasoning items; auto: when the template has them."
+    )
     max_running: int = Field(default=64, ge=1, description="Sequences decoded together in one batch.")
     max_queued: int = Field(default=256, ge=0, description="Requests waiting for a slot; past it, 429.")
     max_prefill_tokens: int = Field(default=4096, ge=1, description="Padded prompt tokens in one prefill.")

@@ -8,7 +8,7 @@ from typing import Any
 from respserve.api.errors import InvalidRequestError
 from respserve.engine.generation import ChatMessage, ToolCallTurn
 from respserve.protocol.content import InputFile, InputImage, InputText, OutputText, Refusal
-from respserve.protocol.items import FunctionCallInput, FunctionCallOutputInput, InputItem
+from respserve.protocol.items import FunctionCallInput, FunctionCallOutputInput, InputItem, ReasoningInput
 from respserve.protocol.request import CreateResponseRequest
 
 # Open chat templates know `system`, not OpenAI's `developer`: both carry the same authority.
@@ -23,12 +23,14 @@ def build_chat_messages(
     if request.instructions:
         messages.append(ChatMessage(role="system", content=request.instructions))
     for item in context:
-        _append(messages, _message(item, "input", model, accepts_images))
+        if not isinstance(item, ReasoningInput):
+            _append(messages, _message(item, "input", model, accepts_images))
     if isinstance(request.input, str):
         messages.append(ChatMessage(role="user", content=request.input))
     else:
         for index, item in enumerate(request.input):
-            _append(messages, _message(item, f"input[{index}]", model, accepts_images))
+            if not isinstance(item, ReasoningInput):
+                _append(messages, _message(item, f"input[{index}]", model, accepts_images))
     if not any(message.role != "system" for message in messages):
         raise InvalidRequestError("'input' must hold at least one user or assistant message.", param="input")
     return messages

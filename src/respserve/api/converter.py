@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import time
 
-from respserve.api.output_parsers import CallArguments, CallStart, OutputParser, Segment, TextSegment
+from respserve.api.output_parsers import (
+    CallArguments,
+    CallStart,
+    OutputParser,
+    ReasoningSegment,
+    Segment,
+    TextSegment,
+)
 from respserve.engine.generation import GenerationOutput, GenerationStatus, TokenLogprob
-from respserve.protocol.content import LogProb, OutputText, TopLogProb
+from respserve.protocol.content import LogProb, OutputText, ReasoningText, TopLogProb
 from respserve.protocol.events import (
     ContentPartAddedEvent,
     ContentPartDoneEvent,
@@ -22,6 +29,8 @@ from respserve.protocol.events import (
     OutputItemDoneEvent,
     OutputTextDeltaEvent,
     OutputTextDoneEvent,
+    ReasoningTextDeltaEvent,
+    ReasoningTextDoneEvent,
     ResponseCompletedEvent,
     ResponseCreatedEvent,
     ResponseFailedEvent,
@@ -30,11 +39,12 @@ from respserve.protocol.events import (
     StreamEvent,
 )
 from respserve.protocol.ids import new_id
-from respserve.protocol.items import FunctionCallItem, MessageStatus, OutputMessage
+from respserve.protocol.items import FunctionCallItem, MessageStatus, OutputMessage, ReasoningItem
 from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.response import (
     ConversationRef,
     IncompleteDetails,
+    OutputTokensDetails,
     ResponseError,
     ResponseResource,
     ResponseStatus,
@@ -115,7 +125,9 @@ class ResponseConverter:
         self._pending_logprobs: list[LogProb] = []  # tokens whose text is still held back
         self._call: FunctionCallItem | None = None
         self._arguments: list[str] = []
-        self._skipping_call = False  # a call past max_tool_calls is dropped
+        self._reasoning: ReasoningItem | None = None
+        self._reasoning_text: list[str] = []
+        self._reasoning_tokens = 0
         self._sequence_number = 0
 
     def start(self) -> list[StreamEvent]:
@@ -127,7 +139,10 @@ class ResponseConverter:
     def on_output(self, output: GenerationOutput) -> list[StreamEvent]:
         self._pending_logprobs.extend(_wire_logprob(logprob) for logprob in output.logprobs)
         events: list[StreamEvent] = []
-        for segment in self._parser.feed(output.text):
+        segments = self._parser.feed(output.text)
+        if self._parser.in_reasoning or any(isinstance(segment, ReasoningSegment) for segment in segments):
+            self._reasoning_tokens += 1
+        for segment in segments:
             events.extend(self._apply(segment))
         if output.final_status.is_done:
             for segment in self._parser.finish():
@@ -137,6 +152,12 @@ class ResponseConverter:
 
     # ---- segments ------------------------------------------------------------------------------------------
     def _apply(self, segment: Segment) -> list[StreamEvent]:
+        if isinstance(segment, ReasoningSegment):
+            return self._reasoning_delta(segment.text)
+        events = self._close_reasoning()
+        return events + self._apply_answer(segment)
+
+    def _apply_answer(self, segment: Segment) -> list[StreamEvent]:
         if isinstance(segment, TextSegment):
             return self._message_delta(segment.text)
         if isinstance(segment, CallStart):
@@ -154,6 +175,33 @@ class ResponseConverter:
     @property
     def _index(self) -> int:
         return len(self._items) - 1
+
+    def _reasoning_delta(self, text: str) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        if self._reasoning is None:
+            self._reasoning = ReasoningItem(id=new_id("rs"))
+            self._items.append(self._reasoning)
+            self._reasoning_text = []
+            events.append(
+                self._event(OutputItemAddedEvent(output_index=self._index, item=self._reasoning.model_copy()))
+            )
+        self._reasoning_text.append(text)
+        self._pending_logprobs = []  # logprobs describe message text only
+        delta = ReasoningTextDeltaEvent(item_id=self._reasoning.id, output_index=self._index, delta=text)
+        return [*events, self._event(delta)]
+
+    def _close_reasoning(self) -> list[StreamEvent]:
+        item = self._reasoning
+        if item is None:
+            return []
+        self._reasoning = None
+        index = self._items.index(item)
+        text = "".join(self._reasoning_text)
+        item.content = [ReasoningText(text=text)]
+        return [
+            self._event(ReasoningTextDoneEvent(item_id=item.id, output_index=index, text=text)),
+            self._event(OutputItemDoneEvent(output_index=index, item=item.model_copy(deep=True))),
+        ]
 
     def _message_delta(self, text: str) -> list[StreamEvent]:
         if not text or self._call is not None:
@@ -234,8 +282,8 @@ class ResponseConverter:
     def _finish(self, output: GenerationOutput) -> list[StreamEvent]:
         status = _FINAL_STATUS[output.final_status]
         item_status: MessageStatus = "completed" if status == "completed" else "incomplete"
-        events = self._close_call(item_status)
-        if not self._items:
+        events = self._close_reasoning() + self._close_call(item_status)
+        if not any(isinstance(item, OutputMessage | FunctionCallItem) for item in self._items):
             events.extend(self._open_message())  # an empty answer is still one (empty) message
         events.extend(self._close_message(item_status))
         resource = self.resource
@@ -244,6 +292,7 @@ class ResponseConverter:
         resource.usage = Usage(
             input_tokens=output.prompt_tokens,
             output_tokens=output.output_tokens,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=self._reasoning_tokens),
             total_tokens=output.prompt_tokens + output.output_tokens,
         )
         if status in ("completed", "incomplete"):

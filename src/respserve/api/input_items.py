@@ -11,7 +11,13 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from respserve.protocol.ids import new_id
-from respserve.protocol.items import AssistantInputMessage, FunctionCallInput, FunctionCallOutputInput, InputItem
+from respserve.protocol.items import (
+    AssistantInputMessage,
+    FunctionCallInput,
+    FunctionCallOutputInput,
+    InputItem,
+    ReasoningInput,
+)
 
 _ITEMS = TypeAdapter(list[InputItem])
 
@@ -23,6 +29,9 @@ def stored_input_items(request_input: str | list[Any]) -> list[dict[str, Any]]:
     stored = []
     for item in request_input:
         data = item.model_dump(mode="json", exclude_none=True)
+        if isinstance(item, ReasoningInput):
+            stored.append({**data, "id": item.id or new_id("rs")})
+            continue
         if isinstance(item, FunctionCallInput | FunctionCallOutputInput):
             prefix = "fc" if isinstance(item, FunctionCallInput) else "fco"
             stored.append({**data, "id": item.id or new_id(prefix), "status": item.status or "completed"})

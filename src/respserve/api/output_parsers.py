@@ -36,11 +36,20 @@ class CallEnd:
     pass
 
 
-Segment = TextSegment | CallStart | CallArguments | CallEnd
+@dataclass(frozen=True)
+class ReasoningSegment:
+    text: str
+
+
+Segment = TextSegment | CallStart | CallArguments | CallEnd | ReasoningSegment
 
 
 class OutputParser:
     """Plain text: everything is message text."""
+
+    @property
+    def in_reasoning(self) -> bool:
+        return False
 
     def feed(self, text: str) -> list[Segment]:
         return [TextSegment(text)] if text else []
@@ -167,3 +176,67 @@ class ForcedArgumentsParser(OutputParser):
     def finish(self) -> list[Segment]:
         start: list[Segment] = [] if self._started else [CallStart(self._name)]
         return [*start, CallEnd()]
+
+
+class ReasoningParser(OutputParser):
+    """`<think>...</think>` at the start of the reply is reasoning; what follows goes to `inner`.
+
+    `starts_inside` is for templates that open `<think>` in the generation prompt (DeepSeek-R1 distills,
+    Qwen3 variants): then the reply begins inside the thoughts and only closes them.
+    """
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self, inner: OutputParser, starts_inside: bool) -> None:
+        self._inner = inner
+        self._state = "inside" if starts_inside else "start"  # then "answer"
+        self._buffer = ""
+        self._answer_started = False
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self._state == "inside"
+
+    def feed(self, text: str) -> list[Segment]:
+        self._buffer += text
+        segments: list[Segment] = []
+        while True:
+            if self._state == "start":
+                stripped = self._buffer.lstrip()
+                if stripped.startswith(self.OPEN):
+                    self._buffer, self._state = stripped[len(self.OPEN) :], "inside"
+                elif not stripped or self.OPEN.startswith(stripped):
+                    return segments  # may still become the opening tag
+                else:
+                    self._state = "answer"
+            elif self._state == "inside":
+                end = self._buffer.find(self.CLOSE)
+                if end >= 0:
+                    thought, self._buffer = self._buffer[:end], self._buffer[end + len(self.CLOSE) :]
+                    self._state = "answer"
+                else:
+                    keep = partial_match_length(self._buffer, (self.CLOSE,))
+                    thought = self._buffer[: len(self._buffer) - keep]
+                    self._buffer = self._buffer[len(self._buffer) - keep :]
+                if thought:
+                    segments.append(ReasoningSegment(thought))
+                if self._state == "inside":
+                    return segments
+            else:
+                return segments + self._answer(self._take())
+
+    def finish(self) -> list[Segment]:
+        rest = self._take()
+        if self._state == "inside":
+            return ([ReasoningSegment(rest)] if rest else []) + self._inner.finish()
+        return self._answer(rest) + self._inner.finish()
+
+    def _take(self) -> str:
+        rest, self._buffer = self._buffer, ""
+        return rest
+
+    def _answer(self, text: str) -> list[Segment]:
+        if not self._answer_started:
+            text = text.lstrip()  # the blank line between thoughts and answer
+            self._answer_started = bool(text)
+        return self._inner.feed(text) if text else []

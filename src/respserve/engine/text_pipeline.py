@@ -107,6 +107,15 @@ class TextPipeline:
             raise ContextLengthExceeded(len(ids), self.context_length)
         return list(ids)
 
+    @property
+    def thinks(self) -> bool:
+        """Whether the chat template is a reasoning model's (it writes `<think>` blocks)."""
+        return "<think>" in (self.tokenizer.chat_template or "")
+
+    def prompt_opens_thinking(self, prompt: list[int]) -> bool:
+        """Whether the generation prompt already opened `<think>`, so the reply starts inside it."""
+        return self.tokenizer.decode(prompt[-4:]).rstrip().endswith("<think>")
+
     @torch.inference_mode()
     def prefill(self, sequences: list[Sequence]) -> tuple[torch.Tensor, BatchKVCache]:
         """Runs the prompts, left-padded to one length, into a fresh cache.

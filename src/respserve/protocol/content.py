@@ -58,5 +58,10 @@ class Refusal(WireModel):
     refusal: str
 
 
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
 InputContent = Annotated[InputText | InputImage | InputFile, Field(discriminator="type")]
 AssistantContent = Annotated[OutputText | Refusal, Field(discriminator="type")]

@@ -105,6 +105,22 @@ class FunctionCallArgumentsDoneEvent(StreamEvent):
     arguments: str
 
 
+class ReasoningTextDeltaEvent(StreamEvent):
+    type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
+    item_id: str
+    output_index: int
+    content_index: int = 0
+    delta: str
+
+
+class ReasoningTextDoneEvent(StreamEvent):
+    type: Literal["response.reasoning_text.done"] = "response.reasoning_text.done"
+    item_id: str
+    output_index: int
+    content_index: int = 0
+    text: str
+
+
 class ErrorEventPayload(BaseModel):
     type: str
     code: str | None

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag
 
-from respserve.protocol.content import AssistantContent, InputContent, OutputText, WireModel
+from respserve.protocol.content import AssistantContent, InputContent, OutputText, ReasoningText, WireModel
 
 MessageStatus = Literal["in_progress", "completed", "incomplete"]
 
@@ -52,6 +52,17 @@ class FunctionCallOutputInput(WireModel):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
+class ReasoningInput(WireModel):
+    """Earlier reasoning sent back (the Agents SDK does): accepted, and left out of the prompt, as chat
+    templates drop the thoughts of earlier turns."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str | None = None
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    content: list[dict[str, Any]] | None = None
+    encrypted_content: str | None = None
+
+
 def _item_tag(value: Any) -> str | None:
     """Messages are told apart by role, other items by type; a missing type means a message."""
     get = value.get if isinstance(value, dict) else lambda key, default=None: getattr(value, key, default)
@@ -65,7 +76,8 @@ InputItem = Annotated[
     Annotated[InputMessage, Tag("message:input")]
     | Annotated[AssistantInputMessage, Tag("message:assistant")]
     | Annotated[FunctionCallInput, Tag("function_call")]
-    | Annotated[FunctionCallOutputInput, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputInput, Tag("function_call_output")]
+    | Annotated[ReasoningInput, Tag("reasoning")],
     Discriminator(_item_tag, custom_error_type="invalid_item", custom_error_message="unsupported input item"),
 ]
 
@@ -87,4 +99,11 @@ class FunctionCallItem(BaseModel):
     status: MessageStatus
 
 
-OutputItem = Annotated[OutputMessage | FunctionCallItem, Field(discriminator="type")]
+class ReasoningItem(BaseModel):
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    content: list[ReasoningText] = Field(default_factory=list)
+
+
+OutputItem = Annotated[OutputMessage | FunctionCallItem | ReasoningItem, Field(discriminator="type")]

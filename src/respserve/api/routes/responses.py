@@ -16,6 +16,7 @@ from respserve.api.chat_messages import build_chat_messages
 from respserve.api.converter import ResponseConverter, initial_resource
 from respserve.api.errors import InvalidRequestError, NotFoundError, RateLimitError
 from respserve.api.input_items import context_items, stored_input_items
+from respserve.api.output_parsers import OutputParser, ReasoningParser
 from respserve.api.pagination import Include, Limit, Order
 from respserve.api.response_runner import Persistence, ResponseRunner
 from respserve.api.state import AppState, ServedModel, StateDep
@@ -75,7 +76,7 @@ async def create_response(
     )
     # One call when parallel calls are off; at most max_tool_calls otherwise.
     max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
-    converter = ResponseConverter(resource, tool_plan.parser, max_tool_calls=max_calls)
+    converter = ResponseConverter(resource, _output_parser(tool_plan, generation, served, state), max_calls)
     runner = ResponseRunner(converter, outputs, persistence)
     await runner.save_initial()
 
@@ -136,6 +137,16 @@ async def _generation_request(
         grammar=grammar,
     )
     return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling), plan
+
+
+def _output_parser(plan: ToolPlan, generation: GenerationRequest, served: ServedModel, state: AppState) -> OutputParser:
+    """The tool plan's parser, behind a reasoning parser for models that think first."""
+    pipeline = served.worker.pipeline
+    setting = state.settings.reasoning_parser
+    thinks = setting == "think" or (setting == "auto" and pipeline.thinks)
+    if not thinks or plan.grammar is not None:  # a forced call starts at once, without thoughts
+        return plan.parser
+    return ReasoningParser(plan.parser, starts_inside=pipeline.prompt_opens_thinking(generation.prompt_token_ids))
 
 
 def _grammar(body: CreateResponseRequest, grammars: GrammarCompiler) -> str | None:

@@ -1,0 +1,123 @@
+"""Reasoning models: `<think>` blocks become a `reasoning` item, streamed as reasoning_text events, and
+counted as reasoning tokens. End to end with a tiny random-weight Qwen3 built here from a config."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import OpenResponsesSchema, RunningServer, free_port, start_server, stop_server, stream_events
+from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+from respserve.api.converter import ResponseConverter, initial_resource
+from respserve.api.output_parsers import OutputParser, ReasoningParser, ReasoningSegment, TextSegment
+from respserve.config import load_settings
+from respserve.engine.detokenizer import IncrementalDetokenizer
+from respserve.engine.generation import GenerationOutput, GenerationStatus
+from respserve.protocol.request import CreateResponseRequest
+
+# ChatML whose generation prompt opens the thoughts, as DeepSeek-R1 distills and Qwen3 variants do.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+REPLY = "<think>Two plus two is four.</think>\n\nThe answer is 4."
+
+
+@pytest.fixture(scope="module")
+def thinking_model(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(server.state.default_model.worker.pipeline.tokenizer.name_or_path)
+    tokenizer.add_tokens(["<think>", "</think>"])  # plain added tokens, as in Qwen3: decoded, not skipped
+    tokenizer.chat_template = THINKING_TEMPLATE
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def thinking_server(thinking_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    settings = load_settings(
+        port=free_port(), model=str(thinking_model), data_dir=str(tmp_path_factory.mktemp("thinking-data"))
+    )
+    uv_server, thread, running = start_server(settings)
+    yield running
+    stop_server(uv_server, thread)
+
+
+def _token_outputs(tokenizer, text: str) -> list[GenerationOutput]:
+    """The reply as the worker would hand it over: one output per token, through the real detokenizer."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids=[])
+    outputs = [GenerationOutput("r", text=detokenizer.push(token), output_tokens=n + 1) for n, token in enumerate(ids)]
+    outputs[-1].text += detokenizer.flush()
+    outputs[-1].final_status = GenerationStatus.END_OF_SEQUENCE
+    return outputs
+
+
+@pytest.mark.parametrize("starts_inside", [False, True])
+def test_parser_on_a_token_stream(thinking_model: Path, starts_inside: bool) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(thinking_model)
+    reply = REPLY.removeprefix("<think>") if starts_inside else REPLY
+    parser = ReasoningParser(OutputParser(), starts_inside=starts_inside)
+    segments = [segment for output in _token_outputs(tokenizer, reply) for segment in parser.feed(output.text)]
+    segments += parser.finish()
+    assert "".join(s.text for s in segments if isinstance(s, ReasoningSegment)) == "Two plus two is four."
+    assert "".join(s.text for s in segments if isinstance(s, TextSegment)) == "The answer is 4."
+
+
+def test_converter_builds_a_reasoning_item(thinking_model: Path, schema: OpenResponsesSchema) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(thinking_model)
+    converter = ResponseConverter(
+        initial_resource(CreateResponseRequest(input="2+2?"), "tiny"), ReasoningParser(OutputParser(), False)
+    )
+    events = converter.start()
+    for output in _token_outputs(tokenizer, REPLY):
+        events += converter.on_output(output)
+    wire = [event.model_dump(mode="json") for event in events]
+    for event in wire:
+        schema.event(event)
+    resource = converter.resource
+    assert [item.type for item in resource.output] == ["reasoning", "message"]
+    assert resource.output[0].id.startswith("rs_")
+    assert resource.output[0].content[0].text == "Two plus two is four."
+    assert resource.output_text == "The answer is 4."
+    thought_tokens = len(tokenizer.encode("<think>Two plus two is four.</think>", add_special_tokens=False))
+    assert resource.usage is not None
+    assert abs(resource.usage.output_tokens_details.reasoning_tokens - thought_tokens) <= 1
+    types = [event["type"] for event in wire]
+    assert types.index("response.reasoning_text.done") < types.index("response.output_text.delta")
+
+
+def test_tiny_qwen3_streams_reasoning_end_to_end(thinking_server: RunningServer, schema: OpenResponsesSchema) -> None:
+    with httpx.Client(base_url=thinking_server.base_url, timeout=120) as http:
+        body = {"input": "What is 2+2?", "max_output_tokens": 24, "temperature": 0, "reasoning": {"effort": "low"}}
+        events, _ = stream_events(http, body)
+        for event in events:
+            schema.event(event)
+        final = events[-1]["response"]
+        assert final["reasoning"]["effort"] == "low"
+        first_item = final["output"][0]
+        assert first_item["type"] == "reasoning"
+        deltas = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+        assert deltas and first_item["content"][0]["text"] == deltas
+        # The random model rarely closes its thoughts: what it wrote is reasoning, counted as such.
+        assert final["usage"]["output_tokens_details"]["reasoning_tokens"] > 0
+        stored = http.get(f"/v1/responses/{final['id']}").json()
+        schema.response(stored)
