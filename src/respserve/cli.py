@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queued", dest="max_queued", type=int)
     serve.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int)
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--api-key", dest="api_keys", action="append", help="accepted key (repeatable)")
     serve.add_argument("--config", help="a TOML settings file (see configs/default.toml)")
     return parser
 

@@ -7,12 +7,13 @@ variables, then CLI flags (passed in as init arguments).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from platformdirs import user_cache_dir, user_data_dir
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -43,6 +44,10 @@ class Settings(BaseSettings):
         default_factory=lambda: Path(user_data_dir("respserve")),
         description="Where the store (SQLite) keeps responses and conversations.",
     )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Keys accepted as 'Authorization: Bearer'; none: no auth. Env: comma-separated.",
+    )
     max_output_tokens: int = Field(default=4096, ge=1, description="Cap on one response's output tokens.")
     tool_parser: Literal["hermes", "json"] = Field(
         default="hermes", description="How tool calls are read from output: <tool_call> blocks, or bare JSON."
@@ -54,6 +59,13 @@ class Settings(BaseSettings):
     max_queued: int = Field(default=256, ge=0, description="Requests waiting for a slot; past it, 429.")
     max_prefill_tokens: int = Field(default=4096, ge=1, description="Padded prompt tokens in one prefill.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
 
     # Set by the CLI or RESPSERVE_CONFIG; read before the other sources (see settings_customise_sources).
     config: Path | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from respserve.api.auth import Owner
 from respserve.api.state import ServedModel, StateDep
 from respserve.protocol.models import ModelCard, ModelList
 
@@ -15,10 +16,10 @@ def _card(served: ServedModel) -> ModelCard:
 
 
 @router.get("/v1/models")
-async def list_models(state: StateDep) -> ModelList:
+async def list_models(state: StateDep, _: Owner) -> ModelList:
     return ModelList(data=[_card(served) for served in state.models.values()])
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, state: StateDep) -> ModelCard:
+async def retrieve_model(model_id: str, state: StateDep, _: Owner) -> ModelCard:
     return _card(state.resolve_model(model_id))

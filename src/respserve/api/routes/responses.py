@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from respserve.api.auth import Owner
 from respserve.api.chat_messages import build_chat_messages
 from respserve.api.converter import ResponseConverter, initial_resource
 from respserve.api.errors import InvalidRequestError, NotFoundError, RateLimitError
@@ -41,7 +42,7 @@ RETRY_AFTER_S = 1
 
 @router.post("/v1/responses", response_model=None)
 async def create_response(
-    body: CreateResponseRequest, http_request: Request, state: StateDep
+    body: CreateResponseRequest, http_request: Request, state: StateDep, owner: Owner
 ) -> JSONResponse | EventSourceResponse:
     served = state.resolve_model(body.model)
     if body.background and not body.store:
@@ -50,7 +51,6 @@ async def create_response(
         raise InvalidRequestError(
             "'previous_response_id' and 'conversation' cannot be used together.", param="conversation"
         )
-    owner = None
     stored_context = await _stored_context(body, state, owner)
     input_items = stored_input_items(body.input)
     generation, tool_plan = await _generation_request(body, stored_context, served, state)
@@ -211,10 +211,11 @@ async def _stored(state: AppState, response_id: str, owner: str | None) -> dict[
 async def retrieve_response(
     response_id: str,
     state: StateDep,
+    owner: Owner,
     stream: bool = False,
     starting_after: int | None = Query(default=None, ge=-1),
 ) -> JSONResponse | EventSourceResponse:
-    resource = await _stored(state, response_id, None)
+    resource = await _stored(state, response_id, owner)
     if stream:
         if not resource.get("background"):
             raise InvalidRequestError("Only background responses can be streamed again.", param="stream")
@@ -224,33 +225,35 @@ async def retrieve_response(
 
 
 @router.delete("/v1/responses/{response_id}")
-async def delete_response(response_id: str, state: StateDep) -> ResponseDeleted:
+async def delete_response(response_id: str, state: StateDep, owner: Owner) -> ResponseDeleted:
+    await _stored(state, response_id, owner)  # another owner's response does not exist for this caller
     await state.background.cancel(response_id)
-    if not await asyncio.to_thread(state.store.delete_response, response_id, None):
+    if not await asyncio.to_thread(state.store.delete_response, response_id, owner):
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
     return ResponseDeleted(id=response_id)
 
 
 @router.post("/v1/responses/{response_id}/cancel", response_model=None)
-async def cancel_response(response_id: str, state: StateDep) -> JSONResponse:
-    resource = await _stored(state, response_id, None)
+async def cancel_response(response_id: str, state: StateDep, owner: Owner) -> JSONResponse:
+    resource = await _stored(state, response_id, owner)
     if not resource.get("background"):
         raise InvalidRequestError("Only background responses can be cancelled.", param="response_id")
     if resource["status"] not in ("queued", "in_progress") or not await state.background.cancel(response_id):
         raise InvalidRequestError(f"Cannot cancel a response with status '{resource['status']}'.", param="response_id")
-    return JSONResponse(await _stored(state, response_id, None))
+    return JSONResponse(await _stored(state, response_id, owner))
 
 
 @router.get("/v1/responses/{response_id}/input_items")
 async def list_input_items(
     response_id: str,
     state: StateDep,
+    owner: Owner,
     limit: Limit = 20,
     order: Order = "desc",
     after: str | None = None,
     include: Include = None,
 ) -> ItemList:
-    page = await asyncio.to_thread(state.store.list_input_items, response_id, None, limit, order, after)
+    page = await asyncio.to_thread(state.store.list_input_items, response_id, owner, limit, order, after)
     if page is None:
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
     return ItemList.of(page.items, page.has_more)
