@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     max_queued: int = Field(default=256, ge=0, description="Requests waiting for a slot; past it, 429.")
     max_prefill_tokens: int = Field(default=4096, ge=1, description="Padded prompt tokens in one prefill.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = Field(default=False, description="Request log lines as JSON objects.")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -12,7 +12,10 @@ from fastapi import FastAPI
 from respserve import __version__
 from respserve.api.background import BackgroundJobs
 from respserve.api.errors import install_error_handlers
+from respserve.api.metrics import Metrics
+from respserve.api.request_log import RequestLogMiddleware
 from respserve.api.routes import conversations, health, models, responses
+from respserve.api.routes import metrics as metrics_routes
 from respserve.api.state import AppState, ServedModel
 from respserve.config import Settings
 from respserve.engine.model_source import resolve_model_source
@@ -38,7 +41,8 @@ def load_text_model(settings: Settings) -> ServedModel:
 
 def create_app(settings: Settings) -> FastAPI:
     store = open_store(settings.data_dir)
-    state = AppState(settings=settings, store=store, background=BackgroundJobs(store))
+    metrics = Metrics()
+    state = AppState(settings=settings, store=store, background=BackgroundJobs(store), metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -47,6 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
             logger.warning("marked %d responses interrupted by a restart as failed", interrupted)
         served = load_text_model(settings)
         state.models[served.name] = served
+        metrics.watch(served.worker)
         logger.info("serving %s; store in %s", served.name, settings.data_dir)
         try:
             yield
@@ -59,7 +64,9 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="respserve", version=__version__, lifespan=lifespan)
     app.state.respserve = state
     install_error_handlers(app)
+    app.add_middleware(RequestLogMiddleware, metrics=metrics, json_logs=settings.log_json)
     app.include_router(health.router)
+    app.include_router(metrics_routes.router)
     app.include_router(models.router)
     app.include_router(responses.router)
     app.include_router(conversations.router)

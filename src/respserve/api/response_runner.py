@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from respserve.api.converter import ResponseConverter
+from respserve.api.metrics import RequestTimer
 from respserve.engine.worker import OutputStream
 from respserve.protocol.events import StreamEvent
 from respserve.protocol.response import ResponseError, ResponseStatus
@@ -31,8 +32,15 @@ class Persistence:
 
 
 class ResponseRunner:
-    def __init__(self, converter: ResponseConverter, outputs: OutputStream, persistence: Persistence | None) -> None:
+    def __init__(
+        self,
+        converter: ResponseConverter,
+        outputs: OutputStream,
+        persistence: Persistence | None,
+        timer: RequestTimer | None = None,
+    ) -> None:
         self.converter = converter
+        self._timer = timer or RequestTimer(None)
         self._outputs = outputs
         self._persistence = persistence
         self._finished = False
@@ -60,8 +68,12 @@ class ResponseRunner:
                 for event in await self._recorded(self.converter.start()):
                     yield event
                 async for output in self._outputs:
+                    if output.output_tokens:
+                        self._timer.token()
                     for event in await self._recorded(self.converter.on_output(output)):
                         yield event
+                    if output.final_status.is_done:
+                        self._timer.finish(output.prompt_tokens, output.output_tokens)
             self._finished = True
             await asyncio.to_thread(self._save_final)
         finally:

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from respserve.api.background import BackgroundJobs
 from respserve.api.errors import NotFoundError
+from respserve.api.metrics import Metrics
 from respserve.config import Settings
 from respserve.engine.worker import PipelineWorker
 from respserve.store.base import ResponseStore
@@ -26,6 +27,7 @@ class AppState:
     settings: Settings
     store: ResponseStore
     background: BackgroundJobs
+    metrics: Metrics
     models: dict[str, ServedModel] = field(default_factory=dict)
 
     @property

@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import torch
+
 from respserve.engine.generation import GenerationOutput, GenerationRequest, GenerationStatus
 from respserve.engine.kv_cache import BatchKVCache, empty_batch
 from respserve.engine.sampler import Sample, Sampler
@@ -117,6 +119,15 @@ class PipelineWorker:
     @property
     def num_queued(self) -> int:
         return self._queued
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self._batch.batch_size * self._batch.length
+
+    @property
+    def gpu_memory_bytes(self) -> int:
+        device = self.pipeline.device
+        return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
     def submit(self, request: GenerationRequest) -> OutputStream:
         """Queues a request; its outputs arrive on the returned stream. Raises QueueFull at the bound."""

@@ -17,6 +17,7 @@ from respserve.api.chat_messages import build_chat_messages
 from respserve.api.converter import ResponseConverter, initial_resource
 from respserve.api.errors import InvalidRequestError, NotFoundError, RateLimitError
 from respserve.api.input_items import context_items, stored_input_items
+from respserve.api.metrics import RequestTimer
 from respserve.api.output_parsers import OutputParser, ReasoningParser
 from respserve.api.pagination import Include, Limit, Order
 from respserve.api.response_runner import Persistence, ResponseRunner
@@ -77,7 +78,7 @@ async def create_response(
     # One call when parallel calls are off; at most max_tool_calls otherwise.
     max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
     converter = ResponseConverter(resource, _output_parser(tool_plan, generation, served, state), max_calls)
-    runner = ResponseRunner(converter, outputs, persistence)
+    runner = ResponseRunner(converter, outputs, persistence, RequestTimer(state.metrics))
     await runner.save_initial()
 
     if body.background:
