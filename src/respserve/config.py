@@ -48,7 +48,14 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Keys accepted as 'Authorization: Bearer'; none: no auth. Env: comma-separated.",
     )
-    max_output_tokens: int = Field(default=4096, ge=1, description="Cap on one response's output tokens.")
+    max_output_tokens: int = Field(
+        default=4096, ge=16, description="Cap on one response's output tokens (and the default when none is set)."
+    )
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="A non-streamed generation running longer is stopped (504)."
+    )
+    shutdown_grace_s: float = Field(default=30.0, ge=0, description="On SIGTERM, how long in-flight work may finish.")
     tool_parser: Literal["hermes", "json"] = Field(
         default="hermes", description="How tool calls are read from output: <tool_call> blocks, or bare JSON."
     )

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from respserve import __version__
 from respserve.api.background import BackgroundJobs
+from respserve.api.body_limit import BodyLimitMiddleware
 from respserve.api.errors import install_error_handlers
 from respserve.api.metrics import Metrics
 from respserve.api.request_log import RequestLogMiddleware
@@ -64,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="respserve", version=__version__, lifespan=lifespan)
     app.state.respserve = state
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware, metrics=metrics, json_logs=settings.log_json)
     app.include_router(health.router)
     app.include_router(metrics_routes.router)

@@ -48,6 +48,11 @@ class RateLimitError(APIError):
     error_type = "rate_limit_error"
 
 
+class GatewayTimeoutError(APIError):
+    status_code = 504
+    error_type = "timeout_error"
+
+
 class ServiceUnavailableError(APIError):
     status_code = 503
     error_type = "server_error"

@@ -4,6 +4,7 @@ list input items. Thin: the work is in chat_messages, the converter, the runner 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -15,7 +16,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from respserve.api.auth import Owner
 from respserve.api.chat_messages import build_chat_messages
 from respserve.api.converter import ResponseConverter, initial_resource
-from respserve.api.errors import InvalidRequestError, NotFoundError, RateLimitError
+from respserve.api.errors import GatewayTimeoutError, InvalidRequestError, NotFoundError, RateLimitError
 from respserve.api.input_items import context_items, stored_input_items
 from respserve.api.metrics import RequestTimer
 from respserve.api.output_parsers import OutputParser, ReasoningParser
@@ -89,7 +90,7 @@ async def create_response(
         return JSONResponse(snapshot)
     if body.stream:
         return EventSourceResponse(_stream(runner), sep="\n", ping=15)
-    await _run_until_disconnect(runner.run_to_end(), http_request)
+    await _run_until_disconnect(runner.run_to_end(), http_request, state.settings.request_timeout_s)
     return JSONResponse(runner.converter.resource.to_wire())
 
 
@@ -124,7 +125,8 @@ async def _generation_request(
     except ContextLengthExceeded as exc:
         raise InvalidRequestError(str(exc), param="input", code="context_length_exceeded") from exc
     room = pipeline.context_length - len(prompt)
-    max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, room)
+    # The server's cap applies to every request, whatever it asks for.
+    max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, state.settings.max_output_tokens, room)
     sampling = SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -182,16 +184,21 @@ async def _follow(state: AppState, response_id: str, starting_after: int) -> Asy
 _DONE = ServerSentEvent(data="[DONE]", sep="\n")
 
 
-async def _run_until_disconnect(work: Coroutine[Any, Any, None], http_request: Request) -> None:
-    """Runs `work`, cancelling it (and so its generation) if the client hangs up first."""
+async def _run_until_disconnect(work: Coroutine[Any, Any, None], http_request: Request, timeout: float) -> None:
+    """Runs `work`, cancelling it (and so its generation) if the client hangs up first or time runs out."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(http_request))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        timed_out = not task.done() and not watcher.done()
         if not task.done():
             task.cancel()
+    if timed_out:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise GatewayTimeoutError(f"The response took longer than {timeout:g} s and was stopped.", code="timeout")
     await task
 
 
