@@ -126,3 +126,28 @@ def test_queue_bound_gives_429_and_disconnects_free_slots(small_server: RunningS
         assert _wait_for(lambda: worker.num_running == 0 and worker.num_queued == 0)
         done = client.post("/v1/responses", json={"input": "hi", "max_output_tokens": 16})
         assert done.status_code == 200
+
+
+def test_a_crashed_worker_fails_its_requests_and_serves_on(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection: the batch bookkeeping itself raises once, past every per-request guard.
+    worker = server.state.default_model.worker
+    original = worker._keep
+    crashed = threading.Event()
+
+    def keep(predicate):  # noqa: ANN001, ANN202
+        if not crashed.is_set() and worker.num_running >= 2:
+            crashed.set()
+            raise RuntimeError("worker crash")
+        return original(predicate)
+
+    monkeypatch.setattr(worker, "_keep", keep)
+    restarts = worker.restarts
+    bodies = [{"input": f"Count to {n}.", "temperature": 0, "max_output_tokens": 64} for n in (10, 20)]
+    results = asyncio.run(_post_all(server.base_url, bodies))
+    assert crashed.is_set() and worker.restarts == restarts + 1
+    assert [result["status"] for result in results] == ["failed", "failed"]
+    assert all(result["error"]["code"] == "server_error" for result in results)
+    monkeypatch.undo()
+    assert worker.alive and http_ok(server)

@@ -98,6 +98,7 @@ class PipelineWorker:
         self._running: list[Sequence] = []
         self._batch: BatchKVCache = empty_batch(pipeline.num_layers, pipeline.device)
         self._stopping = threading.Event()
+        self.restarts = 0
         self._thread = threading.Thread(target=self._run, name="respserve-worker", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------------
@@ -153,11 +154,30 @@ class PipelineWorker:
     # ---- worker-thread side ----------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._receive(block=not self._running and not self._waiting)
-            self._drop_cancelled()
-            self._admit()
-            if self._running:
-                self._decode_step()
+            try:
+                self._step()
+            except Exception as exc:  # a bug past the per-request guards: start over, keep serving
+                logger.exception("the worker crashed; failing its in-flight requests and restarting")
+                self._restart(exc)
+
+    def _step(self) -> None:
+        self._receive(block=not self._running and not self._waiting)
+        self._drop_cancelled()
+        self._admit()
+        if self._running:
+            self._decode_step()
+
+    def _restart(self, exc: Exception) -> None:
+        """Fails every request in flight (running or waiting) and resets the batch."""
+        for sequence in self._running:
+            self._fail(sequence, exc)
+        for request in self._waiting:
+            self._emit(GenerationOutput(request.request_id, final_status=GenerationStatus.FAILED, error=str(exc)))
+        with self._lock:
+            self._queued -= len(self._waiting)
+        self._running, self._waiting = [], deque()
+        self._batch = empty_batch(self.pipeline.num_layers, self.pipeline.device)
+        self.restarts += 1
 
     def _receive(self, block: bool) -> None:
         try:
