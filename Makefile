@@ -26,10 +26,12 @@ serve: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/ruff format --check .
 
 bench: install

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -151,7 +152,7 @@ def parse_sse(text: str) -> list[SseFrame]:
     frames = []
     for block in text.split("\n\n"):
         event, data = None, []
-        for line in block.splitlines():
+        for line in re.split(r"\r\n|\r|\n", block):  # SSE line ends, not str.splitlines()
             if line.startswith("event: "):
                 event = line[len("event: ") :]
             elif line.startswith("data: "):

@@ -10,13 +10,17 @@ from respserve.protocol.content import LogProb, OutputText
 from respserve.protocol.items import OutputItem
 from respserve.protocol.response import ResponseResource
 
+_LINE_BREAKS_ESCAPED = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
 
 class StreamEvent(BaseModel):
     type: str
     sequence_number: int = 0
 
     def to_wire_json(self) -> str:
-        return self.model_dump_json(by_alias=True)
+        # JSON allows these raw, but line readers built on str.splitlines() (httpx.iter_lines, for one)
+        # would cut an SSE line at them: escape them.
+        return self.model_dump_json(by_alias=True).translate(_LINE_BREAKS_ESCAPED)
 
 
 class ResponseCreatedEvent(StreamEvent):

@@ -22,6 +22,7 @@ from respserve.api.metrics import RequestTimer
 from respserve.api.output_parsers import OutputParser, ReasoningParser
 from respserve.api.pagination import Include, Limit, Order
 from respserve.api.response_runner import Persistence, ResponseRunner
+from respserve.api.sse import DONE, event_frame, frame
 from respserve.api.state import AppState, ServedModel, StateDep
 from respserve.api.tool_calling import ToolPlan, plan_tools
 from respserve.engine.generation import GenerationRequest, SamplingParams
@@ -170,18 +171,15 @@ def _grammar(body: CreateResponseRequest, grammars: GrammarCompiler) -> str | No
 async def _stream(runner: ResponseRunner) -> AsyncIterator[ServerSentEvent]:
     # Leaving early (the client went away) closes the runner, which cancels the request in the worker.
     async for event in runner.events():
-        yield ServerSentEvent(data=event.to_wire_json(), event=event.type, sep="\n")
-    yield _DONE
+        yield event_frame(event)
+    yield DONE
 
 
 async def _follow(state: AppState, response_id: str, starting_after: int) -> AsyncIterator[ServerSentEvent]:
     # Following a background response never cancels it: a client may leave and resume later.
     async for event in state.background.follow(response_id, starting_after):
-        yield ServerSentEvent(data=event, event=json.loads(event)["type"], sep="\n")
-    yield _DONE
-
-
-_DONE = ServerSentEvent(data="[DONE]", sep="\n")
+        yield frame(event, json.loads(event)["type"])
+    yield DONE
 
 
 async def _run_until_disconnect(work: Coroutine[Any, Any, None], http_request: Request, timeout: float) -> None:
