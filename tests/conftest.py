@@ -6,9 +6,11 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,33 @@ def start_server(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, 
             raise RuntimeError("the server did not start")
         time.sleep(0.05)
     return server, thread, RunningServer(app=app, base_url=f"http://127.0.0.1:{settings.port}")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Polls `condition` until it holds or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def spawn_server(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+    """`respserve serve` as its own process (to kill or signal it), once it answers /health."""
+    command = [sys.executable, "-m", "respserve", "serve", "--port", str(port), "--data-dir", str(data_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if not wait_for(healthy, timeout=120):
+        process.kill()
+        raise RuntimeError("the server process did not start")
+    return process
 
 
 def stop_server(uv_server: uvicorn.Server, thread: threading.Thread) -> None:

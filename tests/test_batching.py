@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import RunningServer, free_port, start_server, stop_server
+from conftest import RunningServer, free_port, start_server, stop_server, wait_for
 
 from respserve.config import load_settings
 from respserve.engine.sequence import Sequence
@@ -24,15 +23,6 @@ async def _post_all(base_url: str, bodies: list[dict]) -> list[dict]:
         responses = await asyncio.gather(*(client.post("/v1/responses", json=body) for body in bodies))
     assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
     return [response.json() for response in responses]
-
-
-def _wait_for(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_sixteen_concurrent_greedy_requests_match_their_solo_answers(http, server: RunningServer) -> None:
@@ -110,9 +100,9 @@ def test_queue_bound_gives_429_and_disconnects_free_slots(small_server: RunningS
 
     holders = [threading.Thread(target=hold_stream, daemon=True) for _ in range(2)]
     holders[0].start()
-    assert _wait_for(lambda: worker.num_running == 1)
+    assert wait_for(lambda: worker.num_running == 1)
     holders[1].start()
-    assert _wait_for(lambda: worker.num_queued == 1)
+    assert wait_for(lambda: worker.num_queued == 1)
 
     with httpx.Client(base_url=small_server.base_url, timeout=60) as client:
         refused = client.post("/v1/responses", json={"input": "hi"})
@@ -123,7 +113,7 @@ def test_queue_bound_gives_429_and_disconnects_free_slots(small_server: RunningS
         stop.set()  # both clients hang up: the running one leaves the batch, the queued one the queue
         for holder in holders:
             holder.join(30)
-        assert _wait_for(lambda: worker.num_running == 0 and worker.num_queued == 0)
+        assert wait_for(lambda: worker.num_running == 0 and worker.num_queued == 0)
         done = client.post("/v1/responses", json={"input": "hi", "max_output_tokens": 16})
         assert done.status_code == 200
 

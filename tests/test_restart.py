@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-from conftest import free_port, start_server, stop_server
+from conftest import free_port, spawn_server, start_server, stop_server
 
 from respserve.config import load_settings
 
@@ -49,20 +47,9 @@ def test_graceful_restart_keeps_everything_and_fails_unfinished_jobs(tmp_path: P
 
 def test_killed_server_leaves_no_job_in_progress(tmp_path: Path) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "respserve", "serve", "--port", str(port), "--data-dir", str(tmp_path)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = spawn_server(port, tmp_path)
     try:
-        base_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base_url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
-        background = httpx.post(f"{base_url}/v1/responses", json=LONG, timeout=60).json()
+        background = httpx.post(f"http://127.0.0.1:{port}/v1/responses", json=LONG, timeout=60).json()
         time.sleep(1.0)
     finally:
         os.kill(process.pid, signal.SIGKILL)

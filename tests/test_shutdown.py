@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from conftest import free_port
+from conftest import free_port, spawn_server
 
 
 def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "respserve", "serve", "--port", str(port), "--data-dir", str(tmp_path)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = spawn_server(port, tmp_path)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base_url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
         result: dict = {}
 
         def long_request() -> None:

@@ -6,16 +6,7 @@ import threading
 import time
 
 import httpx
-from conftest import RunningServer
-
-
-def _wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
+from conftest import RunningServer, wait_for
 
 
 def test_health_answers_fast_during_a_long_generation(http, server: RunningServer) -> None:
@@ -23,7 +14,7 @@ def test_health_answers_fast_during_a_long_generation(http, server: RunningServe
     body = {"input": "Write a very long essay about the sea.", "max_output_tokens": 400, "temperature": 0}
     thread = threading.Thread(target=lambda: http.post("/v1/responses", json=body), daemon=True)
     thread.start()
-    assert _wait_for(lambda: worker.num_running == 1)
+    assert wait_for(lambda: worker.num_running == 1)
     latencies = []
     with httpx.Client(base_url=server.base_url) as probe:
         for _ in range(30):
@@ -56,7 +47,7 @@ def test_client_disconnect_stops_generation(server: RunningServer) -> None:
                     break
         assert worker.num_running == 1
     # The connection is closed: the worker drops the sequence at its next step.
-    assert _wait_for(lambda: worker.num_running == 0, timeout=10)
+    assert wait_for(lambda: worker.num_running == 0, timeout=10)
 
 
 def test_non_streaming_client_that_gives_up_stops_generation(server: RunningServer) -> None:
@@ -69,4 +60,4 @@ def test_non_streaming_client_that_gives_up_stops_generation(server: RunningServ
             pass
         else:
             raise AssertionError("the request should have outlived the client's timeout")
-    assert _wait_for(lambda: worker.num_running == 0, timeout=10)
+    assert wait_for(lambda: worker.num_running == 0, timeout=10)
