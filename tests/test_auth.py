@@ -17,7 +17,8 @@ KEYS = ["key-alice", "key-bob"]
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     data_dir = tmp_path_factory.mktemp("keyed")
-    uv_server, thread, running = start_server(load_settings(port=free_port(), api_keys=KEYS, data_dir=str(data_dir)))
+    settings = load_settings(port=free_port(), api_keys=KEYS, data_dir=str(data_dir), protect_metrics=True)
+    uv_server, thread, running = start_server(settings)
     yield running
     stop_server(uv_server, thread)
 
@@ -40,6 +41,8 @@ def test_v1_needs_a_valid_key_and_health_does_not(keyed_server: RunningServer) -
             wrong = http.request(method, path, json={"input": "hi"}, headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
         assert http.get("/health").status_code == 200
+        assert http.get("/metrics").status_code == 401  # protect_metrics is on here
+        assert http.get("/metrics", headers={"Authorization": "Bearer key-bob"}).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         _client(keyed_server, "nope").models.list()
     assert _client(keyed_server, "key-alice").models.list().data

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int)
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--api-key", dest="api_keys", action="append", help="accepted key (repeatable)")
+    serve.add_argument(
+        "--protect-metrics", dest="protect_metrics", action="store_const", const=True, help="/metrics needs a key"
+    )
     serve.add_argument("--log-json", dest="log_json", action="store_const", const=True, help="JSON log lines")
     serve.add_argument("--config", help="a TOML settings file (see configs/default.toml)")
     return parser

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Keys accepted as 'Authorization: Bearer'; none: no auth. Env: comma-separated.",
     )
+    protect_metrics: bool = Field(default=False, description="With API keys set, /metrics needs a key too.")
     max_output_tokens: int = Field(
         default=4096, ge=16, description="Cap on one response's output tokens (and the default when none is set)."
     )
