@@ -14,31 +14,22 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from respserve.api.auth import Owner
-from respserve.api.chat_messages import build_chat_messages
 from respserve.api.converter import ResponseConverter, initial_resource
 from respserve.api.errors import GatewayTimeoutError, InvalidRequestError, NotFoundError, RateLimitError
-from respserve.api.input_items import context_items, stored_input_items
+from respserve.api.generation_plan import output_parser, plan_generation, stored_context_items
+from respserve.api.input_items import stored_input_items
 from respserve.api.metrics import RequestTimer
-from respserve.api.output_parsers import OutputParser, ReasoningParser
 from respserve.api.pagination import Include, Limit, Order
 from respserve.api.response_runner import Persistence, ResponseRunner
 from respserve.api.sse import DONE, event_frame, frame
-from respserve.api.state import AppState, ServedModel, StateDep
-from respserve.api.tool_calling import ToolPlan, plan_tools
-from respserve.engine.generation import GenerationRequest, SamplingParams
-from respserve.engine.structured_output import GrammarCompiler, InvalidGrammar
-from respserve.engine.text_pipeline import ContextLengthExceeded
+from respserve.api.state import AppState, StateDep
 from respserve.engine.worker import QueueFull
-from respserve.protocol.ids import new_id
-from respserve.protocol.items import InputItem
 from respserve.protocol.lists import ItemList
 from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.response import ResponseDeleted
-from respserve.protocol.text_format import JsonObjectFormat, JsonSchemaFormat
 
 router = APIRouter()
 
-LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # Seconds a client told 429 should wait: about one short generation on a loaded CPU.
 RETRY_AFTER_S = 1
 
@@ -54,9 +45,9 @@ async def create_response(
         raise InvalidRequestError(
             "'previous_response_id' and 'conversation' cannot be used together.", param="conversation"
         )
-    stored_context = await _stored_context(body, state, owner)
+    stored_context = await stored_context_items(body, state, owner)
     input_items = stored_input_items(body.input)
-    generation, tool_plan = await _generation_request(body, stored_context, served, state)
+    generation, tool_plan = await plan_generation(body, stored_context, served, state)
 
     resource = initial_resource(body, served.name)
     if body.background:
@@ -79,7 +70,7 @@ async def create_response(
     )
     # One call when parallel calls are off; at most max_tool_calls otherwise.
     max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
-    converter = ResponseConverter(resource, _output_parser(tool_plan, generation, served, state), max_calls)
+    converter = ResponseConverter(resource, output_parser(tool_plan, generation, served, state), max_calls)
     runner = ResponseRunner(converter, outputs, persistence, RequestTimer(state.metrics))
     await runner.save_initial()
 
@@ -93,79 +84,6 @@ async def create_response(
         return EventSourceResponse(_stream(runner), sep="\n", ping=15)
     await _run_until_disconnect(runner.run_to_end(), http_request, state.settings.request_timeout_s)
     return JSONResponse(runner.converter.resource.to_wire())
-
-
-async def _stored_context(body: CreateResponseRequest, state: AppState, owner: str | None) -> list[InputItem]:
-    """The earlier items a request continues from: its previous response's chain, or its conversation."""
-    if body.previous_response_id:
-        items = await asyncio.to_thread(state.store.chain_items, body.previous_response_id, owner)
-        if items is None:
-            raise NotFoundError(
-                f"Previous response with id '{body.previous_response_id}' not found.",
-                param="previous_response_id",
-            )
-        return context_items(items)
-    if body.conversation_id:
-        items = await asyncio.to_thread(state.store.all_conversation_items, body.conversation_id, owner)
-        if items is None:
-            raise NotFoundError(f"Conversation with id '{body.conversation_id}' not found.", param="conversation")
-        return context_items(items)
-    return []
-
-
-async def _generation_request(
-    body: CreateResponseRequest, context: list[InputItem], served: ServedModel, state: AppState
-) -> tuple[GenerationRequest, ToolPlan]:
-    pipeline = served.worker.pipeline
-    messages = build_chat_messages(body, context, served.name, pipeline.accepts_images)
-    # Compiling schemas (and, the first time, the grammar tokenizer) is CPU work: off the event loop.
-    plan = await asyncio.to_thread(plan_tools, body, pipeline.grammars, state.settings.tool_parser)
-    grammar = plan.grammar or await asyncio.to_thread(_grammar, body, pipeline.grammars)
-    try:
-        prompt = await asyncio.to_thread(pipeline.render_prompt, messages, plan.tools)
-    except ContextLengthExceeded as exc:
-        raise InvalidRequestError(str(exc), param="input", code="context_length_exceeded") from exc
-    room = pipeline.context_length - len(prompt)
-    # The server's cap applies to every request, whatever it asks for.
-    max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, state.settings.max_output_tokens, room)
-    sampling = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        seed=body.seed,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        presence_penalty=body.presence_penalty or 0.0,
-        stop=tuple(body.stop_sequences),
-        logprobs=(body.top_logprobs or 0) if LOGPROBS_INCLUDE in (body.include or []) else None,
-        grammar=grammar,
-    )
-    return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling), plan
-
-
-def _output_parser(plan: ToolPlan, generation: GenerationRequest, served: ServedModel, state: AppState) -> OutputParser:
-    """The tool plan's parser, behind a reasoning parser for models that think first."""
-    pipeline = served.worker.pipeline
-    setting = state.settings.reasoning_parser
-    thinks = setting == "think" or (setting == "auto" and pipeline.thinks)
-    if not thinks or plan.grammar is not None:  # a forced call starts at once, without thoughts
-        return plan.parser
-    return ReasoningParser(plan.parser, starts_inside=pipeline.prompt_opens_thinking(generation.prompt_token_ids))
-
-
-def _grammar(body: CreateResponseRequest, grammars: GrammarCompiler) -> str | None:
-    """The grammar `text.format` asks for: none for plain text, else a JSON schema's."""
-    text_format = body.text.format if body.text else None
-    if isinstance(text_format, JsonObjectFormat):
-        return grammars.json_schema({"type": "object"})
-    if isinstance(text_format, JsonSchemaFormat):
-        try:
-            return grammars.json_schema(text_format.schema_)
-        except InvalidGrammar as exc:
-            raise InvalidRequestError(
-                f"Invalid JSON schema in 'text.format.schema': {exc}", param="text.format.schema"
-            ) from exc
-    return None
 
 
 async def _stream(runner: ResponseRunner) -> AsyncIterator[ServerSentEvent]:

@@ -1,0 +1,95 @@
+"""From a validated request to what the worker runs: the stored context it continues, the prompt, the
+sampling parameters, the grammar (structured output or a forced tool call) and the output parser."""
+
+from __future__ import annotations
+
+import asyncio
+
+from respserve.api.chat_messages import build_chat_messages
+from respserve.api.errors import InvalidRequestError, NotFoundError
+from respserve.api.input_items import context_items
+from respserve.api.output_parsers import OutputParser, ReasoningParser
+from respserve.api.state import AppState, ServedModel
+from respserve.api.tool_calling import ToolPlan, plan_tools
+from respserve.engine.generation import GenerationRequest, SamplingParams
+from respserve.engine.structured_output import GrammarCompiler, InvalidGrammar
+from respserve.engine.text_pipeline import ContextLengthExceeded
+from respserve.protocol.ids import new_id
+from respserve.protocol.items import InputItem
+from respserve.protocol.request import CreateResponseRequest
+from respserve.protocol.text_format import JsonObjectFormat, JsonSchemaFormat
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
+async def stored_context_items(body: CreateResponseRequest, state: AppState, owner: str | None) -> list[InputItem]:
+    """The earlier items a request continues from: its previous response's chain, or its conversation."""
+    if body.previous_response_id:
+        items = await asyncio.to_thread(state.store.chain_items, body.previous_response_id, owner)
+        if items is None:
+            raise NotFoundError(
+                f"Previous response with id '{body.previous_response_id}' not found.",
+                param="previous_response_id",
+            )
+        return context_items(items)
+    if body.conversation_id:
+        items = await asyncio.to_thread(state.store.all_conversation_items, body.conversation_id, owner)
+        if items is None:
+            raise NotFoundError(f"Conversation with id '{body.conversation_id}' not found.", param="conversation")
+        return context_items(items)
+    return []
+
+
+async def plan_generation(
+    body: CreateResponseRequest, context: list[InputItem], served: ServedModel, state: AppState
+) -> tuple[GenerationRequest, ToolPlan]:
+    pipeline = served.worker.pipeline
+    messages = build_chat_messages(body, context, served.name, pipeline.accepts_images)
+    # Compiling schemas (and, the first time, the grammar tokenizer) is CPU work: off the event loop.
+    plan = await asyncio.to_thread(plan_tools, body, pipeline.grammars, state.settings.tool_parser)
+    grammar = plan.grammar or await asyncio.to_thread(_grammar, body, pipeline.grammars)
+    try:
+        prompt = await asyncio.to_thread(pipeline.render_prompt, messages, plan.tools)
+    except ContextLengthExceeded as exc:
+        raise InvalidRequestError(str(exc), param="input", code="context_length_exceeded") from exc
+    room = pipeline.context_length - len(prompt)
+    # The server's cap applies to every request, whatever it asks for.
+    max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, state.settings.max_output_tokens, room)
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=body.seed,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        stop=tuple(body.stop_sequences),
+        logprobs=(body.top_logprobs or 0) if LOGPROBS_INCLUDE in (body.include or []) else None,
+        grammar=grammar,
+    )
+    return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling), plan
+
+
+def output_parser(plan: ToolPlan, generation: GenerationRequest, served: ServedModel, state: AppState) -> OutputParser:
+    """The tool plan's parser, behind a reasoning parser for models that think first."""
+    pipeline = served.worker.pipeline
+    setting = state.settings.reasoning_parser
+    thinks = setting == "think" or (setting == "auto" and pipeline.thinks)
+    if not thinks or plan.grammar is not None:  # a forced call starts at once, without thoughts
+        return plan.parser
+    return ReasoningParser(plan.parser, starts_inside=pipeline.prompt_opens_thinking(generation.prompt_token_ids))
+
+
+def _grammar(body: CreateResponseRequest, grammars: GrammarCompiler) -> str | None:
+    """The grammar `text.format` asks for: none for plain text, else a JSON schema's."""
+    text_format = body.text.format if body.text else None
+    if isinstance(text_format, JsonObjectFormat):
+        return grammars.json_schema({"type": "object"})
+    if isinstance(text_format, JsonSchemaFormat):
+        try:
+            return grammars.json_schema(text_format.schema_)
+        except InvalidGrammar as exc:
+            raise InvalidRequestError(
+                f"Invalid JSON schema in 'text.format.schema': {exc}", param="text.format.schema"
+            ) from exc
+    return None
