@@ -53,7 +53,9 @@ def test_stored_objects_belong_to_their_key(keyed_server: RunningServer) -> None
     model = keyed_server.model
     response = alice.responses.create(model=model, input="Hi", max_output_tokens=16)
     conversation = alice.conversations.create(items=[{"role": "user", "content": "secret"}])
-    background = alice.responses.create(model=model, input="Count.", background=True, max_output_tokens=2000)
+    background = alice.responses.create(
+        model=model, input="Count from one to one thousand.", background=True, max_output_tokens=2000, temperature=0
+    )
 
     assert alice.responses.retrieve(response.id).id == response.id
     for attempt in (

@@ -64,7 +64,8 @@ def impatient_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runni
 def test_slow_requests_time_out_and_free_their_slot(impatient_server: RunningServer) -> None:
     worker = impatient_server.state.default_model.worker
     with httpx.Client(base_url=impatient_server.base_url, timeout=60) as http:
-        slow = http.post("/v1/responses", json={"input": "Count to one hundred.", "max_output_tokens": 200})
+        long = {"input": "Count from one to one thousand.", "max_output_tokens": 200, "temperature": 0}
+        slow = http.post("/v1/responses", json=long)
     assert slow.status_code == 504
     assert slow.json()["error"] == {
         "message": "The response took longer than 0.3 s and was stopped.",

@@ -170,7 +170,7 @@ def test_background_poll_and_cancel(client: openai.OpenAI, server: RunningServer
     done = _wait_until_done(client, queued.id)
     assert done.status in ("completed", "incomplete") and done.output_text
 
-    long = _create(client, server, input="Count to one thousand.", background=True, max_output_tokens=2000)
+    long = _create(client, server, input="Count from one to one thousand.", background=True, max_output_tokens=2000)
     time.sleep(0.5)
     cancelled = client.responses.cancel(long.id)
     assert cancelled.status == "cancelled"
