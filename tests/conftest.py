@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import jsonschema
 import openai
 import pytest
@@ -27,6 +28,11 @@ from respserve.api.state import AppState
 from respserve.config import Settings, load_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# CI sees the same generated cases every run; locally, hypothesis explores anew each time.
+hypothesis.settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    hypothesis.settings.load_profile("ci")
 
 SPEC_PATH = Path(
     os.environ.get(
