@@ -159,6 +159,22 @@ def test_penalties_change_sampling(http) -> None:
     assert penalised["frequency_penalty"] == 1.5
 
 
+def test_logit_bias_steers_and_bans_tokens(http, server: RunningServer) -> None:
+    tokenizer = server.state.default_model.worker.pipeline.tokenizer
+    body = {"input": QUESTION, "temperature": 0, "max_output_tokens": 16}
+    plain = http.post("/v1/responses", json=body).json()["output"][0]["content"][0]["text"]
+    first = tokenizer.encode(plain, add_special_tokens=False)[0]
+    banned = http.post("/v1/responses", json={**body, "logit_bias": {str(first): -100}}).json()
+    assert banned["logit_bias"] == {str(first): -100}
+    assert tokenizer.encode(banned["output"][0]["content"][0]["text"], add_special_tokens=False)[0] != first
+    paris = tokenizer.encode("Paris", add_special_tokens=False)[0]
+    forced = http.post("/v1/responses", json={**body, "logit_bias": {str(paris): 100}}).json()
+    assert forced["output"][0]["content"][0]["text"].startswith(tokenizer.decode([paris]))
+    for bad, param in (({"x": 1}, "logit_bias"), ({"5": 101}, "logit_bias"), ({"999999": 1}, "logit_bias.999999")):
+        error = http.post("/v1/responses", json={**body, "logit_bias": bad})
+        assert error.status_code == 400 and error.json()["error"]["param"] == param
+
+
 def test_models_lists_the_served_model(client: openai.OpenAI, server: RunningServer) -> None:
     models = client.models.list()
     assert [model.id for model in models.data] == [server.model]

@@ -93,6 +93,7 @@ def initial_resource(request: CreateResponseRequest, model: str) -> ResponseReso
         prompt_cache_key=request.prompt_cache_key,
         user=request.user,
         seed=request.seed,
+        logit_bias=request.logit_bias,
         stop=request.stop,
     )
 

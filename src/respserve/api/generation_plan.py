@@ -64,6 +64,7 @@ async def plan_generation(
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         stop=tuple(body.stop_sequences),
+        logit_bias=_logit_bias(body, pipeline.vocab_size),
         logprobs=(body.top_logprobs or 0) if LOGPROBS_INCLUDE in (body.include or []) else None,
         grammar=grammar,
     )
@@ -78,6 +79,17 @@ def output_parser(plan: ToolPlan, generation: GenerationRequest, served: ServedM
     if not thinks or plan.grammar is not None:  # a forced call starts at once, without thoughts
         return plan.parser
     return ReasoningParser(plan.parser, starts_inside=pipeline.prompt_opens_thinking(generation.prompt_token_ids))
+
+
+def _logit_bias(body: CreateResponseRequest, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    bias = tuple((int(token), value) for token, value in (body.logit_bias or {}).items())
+    for token, _ in bias:
+        if token >= vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias names token {token}, past this model's vocabulary of {vocab_size}.",
+                param=f"logit_bias.{token}",
+            )
+    return bias
 
 
 def _grammar(body: CreateResponseRequest, grammars: GrammarCompiler) -> str | None:

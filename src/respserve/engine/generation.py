@@ -45,6 +45,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the n most likely
     grammar: str | None = None  # an llguidance grammar the output must follow (JSON schema, ...)
 

@@ -25,6 +25,7 @@ class SamplingRow:
     presence_penalty: float
     generator: torch.Generator | None
     token_counts: torch.Tensor | None  # [V] counts of generated tokens, only when a penalty is set
+    logit_bias: tuple[tuple[int, float], ...] = ()
     matcher: Any = None  # an llguidance matcher when the output follows a grammar
     top_logprobs: int | None = None  # None: no logprobs for this row
 
@@ -59,7 +60,7 @@ class Sampler:
         return Sample(tokens=tokens.tolist(), logprobs=self._logprobs(logits, tokens, rows))
 
     def _pick(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        logits = self._apply_penalties(logits, rows)
+        logits = self._apply_logit_bias(self._apply_penalties(logits, rows), rows)
         matchers = [row.matcher for row in rows]
         if any(matcher is not None for matcher in matchers):
             logits = apply_grammar_masks(logits, matchers, self._grammars.tokenizer.vocab_size)
@@ -96,6 +97,16 @@ class Sampler:
                 top_logprobs=top_values[index, :n].tolist(),
             )
         return result
+
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        entries = [(row, token, bias) for row, params in enumerate(rows) for token, bias in params.logit_bias]
+        if not entries:
+            return logits
+        row_index, token_index, biases = zip(*entries, strict=True)
+        bias = torch.zeros_like(logits)
+        bias[list(row_index), list(token_index)] = torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+        return logits + bias
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         if all(row.token_counts is None for row in rows):

@@ -50,6 +50,7 @@ class Sequence:
             presence_penalty=params.presence_penalty,
             generator=generator,
             token_counts=torch.zeros(vocab_size) if penalised else None,
+            logit_bias=params.logit_bias,
             matcher=grammars.matcher(params.grammar) if params.grammar else None,
             top_logprobs=params.logprobs,
         )

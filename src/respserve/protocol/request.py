@@ -75,8 +75,19 @@ class CreateResponseRequest(WireModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     top_k: int | None = Field(default=None, ge=0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
 
     _check_metadata = check_metadata
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError("logit_bias values are between -100 and 100")
+        return value
 
     @field_validator("stop")
     @classmethod

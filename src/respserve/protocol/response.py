@@ -86,6 +86,7 @@ class ResponseResource(BaseModel):
     user: str | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
 
     @property
     def output_text(self) -> str:
