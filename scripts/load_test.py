@@ -11,10 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from bench import ServerProcess  # scripts/ is on the path when run as a script
 
 PROMPTS = ["Say hello.", "Name a color.", "Count to five.", "What is the capital of France?", "Tell a joke."]
 
@@ -91,28 +89,22 @@ def main() -> None:
     args = parser.parse_args()
     data_dir = tempfile.mkdtemp(prefix="respserve-load-")
     command = [sys.executable, "-m", "respserve", "serve", "--port", str(args.port), "--data-dir", data_dir]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base_url = f"http://127.0.0.1:{args.port}"
-    try:
-        while True:
-            try:
-                if httpx.get(f"{base_url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+    with ServerProcess(command, args.port, Path(data_dir) / "server.log") as server:
+        pid = server.process.pid
         asyncio.run(run(base_url, 8, 5, 0.0))  # warm-up
-        before = rss_mib(server.pid)
+        before = rss_mib(pid)
         started = time.monotonic()
         stats, done = asyncio.run(run(base_url, args.clients, args.seconds, args.disconnect_share))
         elapsed = time.monotonic() - started
         time.sleep(5)  # let cancelled work drain
-        after = rss_mib(server.pid)
+        after = rss_mib(pid)
         # A second, identical run: a leak grows memory again; allocator high-water marks do not.
         started_second = time.monotonic()
         second, second_done = asyncio.run(run(base_url, args.clients, args.seconds, args.disconnect_share))
         elapsed += time.monotonic() - started_second
         time.sleep(5)
-        after_second = rss_mib(server.pid)
+        after_second = rss_mib(pid)
         stats.update(second)
         done += second_done
         missing = asyncio.run(check_stored(base_url, done))
@@ -130,11 +122,8 @@ def main() -> None:
         print(f"  completed responses not retrievable: {missing} of {len(done)}")
         flat = after_second - after < 0.05 * after
         ok = server_errors == 0 and missing == 0 and flat
-        print("PASS" if ok else "FAIL")
-        sys.exit(0 if ok else 1)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(60)
+    print("PASS" if ok else "FAIL")
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

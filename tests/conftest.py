@@ -75,6 +75,12 @@ def start_server(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, 
     return server, thread, RunningServer(app=app, base_url=f"http://127.0.0.1:{settings.port}")
 
 
+def prompt_tokens(server: RunningServer, messages: list[dict[str, str]]) -> int:
+    """How many tokens the served model's chat template makes of `messages`: what `usage` must count."""
+    tokenizer = server.state.default_model.worker.pipeline.tokenizer
+    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
     """Polls `condition` until it holds or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout

@@ -97,7 +97,7 @@ def test_converter_builds_a_reasoning_item(thinking_model: Path, schema: OpenRes
     assert [item.type for item in resource.output] == ["reasoning", "message"]
     assert resource.output[0].id.startswith("rs_")
     assert resource.output[0].content[0].text == "Two plus two is four."
-    assert resource.output_text == "The answer is 4."
+    assert resource.output[1].content[0].text == "The answer is 4."
     thought_tokens = len(tokenizer.encode("<think>Two plus two is four.</think>", add_special_tokens=False))
     assert resource.usage is not None
     assert abs(resource.usage.output_tokens_details.reasoning_tokens - thought_tokens) <= 1

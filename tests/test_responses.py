@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import openai
-from conftest import OpenResponsesSchema, RunningServer
+from conftest import OpenResponsesSchema, RunningServer, prompt_tokens
 
 QUESTION = "What is the capital of France?"
-
-
-def _prompt_tokens(server: RunningServer, messages: list[dict[str, str]]) -> int:
-    tokenizer = server.state.default_model.worker.pipeline.tokenizer
-    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def test_string_input_answers_and_counts_real_tokens(
@@ -23,7 +18,7 @@ def test_string_input_answers_and_counts_real_tokens(
     assert response.output[0].id.startswith("msg_")
     assert "Paris" in response.output_text
     assert response.usage is not None
-    assert response.usage.input_tokens == _prompt_tokens(server, [{"role": "user", "content": QUESTION}])
+    assert response.usage.input_tokens == prompt_tokens(server, [{"role": "user", "content": QUESTION}])
     assert response.usage.output_tokens > 0
     assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
     assert response.completed_at is not None and response.completed_at >= response.created_at
@@ -79,7 +74,7 @@ def test_item_input_with_system_developer_and_multi_turn(
         {"role": "user", "content": "And of Italy?"},
     ]
     assert response.usage is not None
-    assert response.usage.input_tokens == _prompt_tokens(server, rendered)
+    assert response.usage.input_tokens == prompt_tokens(server, rendered)
     assert "Rome" in response.output_text
 
 
@@ -97,7 +92,7 @@ def test_instructions_become_the_system_turn(client: openai.OpenAI, server: Runn
         {"role": "system", "content": "You only answer in French."},
         {"role": "user", "content": "Hello"},
     ]
-    assert response.usage.input_tokens == _prompt_tokens(server, expected)
+    assert response.usage.input_tokens == prompt_tokens(server, expected)
 
 
 def test_max_output_tokens_gives_incomplete(client: openai.OpenAI, server: RunningServer) -> None:

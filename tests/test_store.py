@@ -9,12 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import OpenResponsesSchema, RunningServer, parse_sse
-
-
-def _prompt_tokens(server: RunningServer, messages: list[dict[str, str]]) -> int:
-    tokenizer = server.state.default_model.worker.pipeline.tokenizer
-    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+from conftest import OpenResponsesSchema, RunningServer, parse_sse, prompt_tokens
 
 
 def _create(client: openai.OpenAI, server: RunningServer, **kwargs):
@@ -98,7 +93,7 @@ def test_three_turn_chain_uses_earlier_context(client: openai.OpenAI, server: Ru
         {"role": "assistant", "content": second.output_text},
         {"role": "user", "content": "Which word did I ask you to remember?"},
     ]
-    assert third.usage is not None and third.usage.input_tokens == _prompt_tokens(server, expected)
+    assert third.usage is not None and third.usage.input_tokens == prompt_tokens(server, expected)
 
 
 def test_instructions_are_not_carried_over(client: openai.OpenAI, server: RunningServer) -> None:
@@ -111,7 +106,7 @@ def test_instructions_are_not_carried_over(client: openai.OpenAI, server: Runnin
         {"role": "assistant", "content": first.output_text},
         {"role": "user", "content": "Thanks"},
     ]
-    assert second.usage is not None and second.usage.input_tokens == _prompt_tokens(server, expected)
+    assert second.usage is not None and second.usage.input_tokens == prompt_tokens(server, expected)
 
 
 def test_chain_errors(client: openai.OpenAI, server: RunningServer, http) -> None:
@@ -144,7 +139,7 @@ def test_conversation_lifecycle(client: openai.OpenAI, server: RunningServer) ->
         {"role": "user", "content": "Remember this word: pineapple."},
         {"role": "user", "content": "Which word did I ask you to remember?"},
     ]
-    assert reply.usage is not None and reply.usage.input_tokens == _prompt_tokens(server, expected)
+    assert reply.usage is not None and reply.usage.input_tokens == prompt_tokens(server, expected)
     items = client.conversations.items.list(conversation.id, order="asc").data
     assert [item.role for item in items] == ["user", "user", "assistant"]
     assert items[2].content[0].text == reply.output_text

@@ -75,7 +75,7 @@ def _row(**overrides) -> SamplingRow:
 
 @pytest.fixture(scope="module")
 def sampler(server: RunningServer) -> Sampler:
-    return Sampler(torch.device("cpu"), server.state.default_model.worker.pipeline.grammars)
+    return Sampler(server.state.default_model.worker.pipeline.grammars)
 
 
 def test_sampler_greedy_topk_topp_and_seeds(sampler: Sampler) -> None:

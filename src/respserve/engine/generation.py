@@ -49,10 +49,6 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the n most likely
     grammar: str | None = None  # an llguidance grammar the output must follow (JSON schema, ...)
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
 
 @dataclass
 class GenerationRequest:

@@ -46,8 +46,7 @@ class Sample:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, grammars: GrammarCompiler) -> None:
-        self._device = device
+    def __init__(self, grammars: GrammarCompiler) -> None:
         self._grammars = grammars
         self._default_generator = torch.Generator(device="cpu")
         self._default_generator.seed()

@@ -95,7 +95,7 @@ class PipelineWorker:
     def __init__(self, pipeline: TextPipeline, limits: WorkerLimits | None = None) -> None:
         self.pipeline = pipeline
         self.limits = limits or WorkerLimits()
-        self._sampler = Sampler(pipeline.device, pipeline.grammars)
+        self._sampler = Sampler(pipeline.grammars)
         self._inbox: queue.SimpleQueue[GenerationRequest] = queue.SimpleQueue()
         self._waiting: deque[GenerationRequest] = deque()
         self._channels: dict[str, _Channel] = {}
@@ -153,10 +153,6 @@ class PipelineWorker:
             self._channels.pop(request_id, None)
             if cancel:
                 self._cancelled.add(request_id)
-
-    def cancel(self, request_id: str) -> None:
-        with self._lock:
-            self._cancelled.add(request_id)
 
     # ---- worker-thread side ----------------------------------------------------------------------------
     def _run(self) -> None:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from respserve.protocol.items import OutputItem, OutputMessage
+from respserve.protocol.items import OutputItem
 from respserve.protocol.request import ReasoningConfig
 from respserve.protocol.text_format import TextConfig
 from respserve.protocol.tools import Tool, ToolChoice
@@ -87,10 +87,6 @@ class ResponseResource(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     logit_bias: dict[str, float] | None = None
-
-    @property
-    def output_text(self) -> str:
-        return "".join(part.text for item in self.output if isinstance(item, OutputMessage) for part in item.content)
 
     def to_wire(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
