@@ -143,6 +143,68 @@ class OpenResponsesSchema:
             if name.endswith("StreamingEvent"):
                 event_type = schema["properties"]["type"]["enum"][0]
                 self._event_schemas[event_type] = name
+        self._add_image_extensions(json.loads((path.parent / "openai-openapi.json").read_text()))
+
+    def _add_image_extensions(self, openai_spec: dict[str, Any]) -> None:
+        """Images are beyond Open Responses: add Modular MAX's `output_image` part (as docs/RESPONSES_API.md
+        gives it), our preview event, and OpenAI's `image_generation` tool, its `tool_choice`, and its
+        `image_generation_call` item and events (from OpenAI's spec)."""
+        schemas = self._components["schemas"]
+        schemas["OutputImageContent"] = {
+            "type": "object",
+            "required": ["type", "format"],
+            "properties": {
+                "type": {"type": "string", "enum": ["output_image"]},
+                "image_data": {"anyOf": [{"type": "string", "contentEncoding": "base64"}, {"type": "null"}]},
+                "image_url": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
+            },
+            "oneOf": [
+                {"properties": {"image_data": {"type": "string"}, "image_url": {"type": "null"}}},
+                {"properties": {"image_data": {"type": "null"}, "image_url": {"type": "string"}}},
+            ],
+        }
+        image_part = {"$ref": "#/components/schemas/OutputImageContent"}
+        schemas["Message"]["properties"]["content"]["items"]["oneOf"].append(image_part)
+        for event in ("ResponseContentPartAddedStreamingEvent", "ResponseContentPartDoneStreamingEvent"):
+            schemas[event]["properties"]["part"]["oneOf"].append(image_part)
+        openai_schemas = openai_spec["components"]["schemas"]
+
+        def take(name: str) -> dict[str, str]:
+            """Copies an OpenAI schema (and those it refers to) in; returns a reference to it."""
+            if name not in schemas:
+                schemas[name] = openai_schemas[name]
+                for referred in re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(openai_schemas[name])):
+                    take(referred)
+            return {"$ref": f"#/components/schemas/{name}"}
+
+        schemas["ItemField"]["oneOf"].append(take("ImageGenToolCall"))
+        schemas["Tool"] = {"oneOf": [{"$ref": "#/components/schemas/FunctionTool"}, take("ImageGenTool")]}
+        # OpenAI lists its own models' sizes; a served model has its own ("WIDTHxHEIGHT").
+        schemas["ImageGenTool"]["properties"]["size"] = {"type": "string", "pattern": "^(auto|[0-9]+x[0-9]+)$"}
+        schemas["ResponseResource"]["properties"]["tool_choice"]["oneOf"].append(take("ToolChoiceTypes"))
+        for name in ("InProgress", "Generating", "PartialImage", "Completed"):
+            take(f"ResponseImageGenCall{name}Event")
+            event_type = schemas[f"ResponseImageGenCall{name}Event"]["properties"]["type"]["enum"][0]
+            self._event_schemas[event_type] = f"ResponseImageGenCall{name}Event"
+        schemas["OutputImagePartialImageEvent"] = {
+            "type": "object",
+            "required": [
+                "type", "sequence_number", "item_id", "output_index", "content_index", "partial_image_index",
+                "partial_image_b64", "output_format",
+            ],
+            "properties": {
+                "type": {"type": "string", "enum": ["response.output_image.partial_image"]},
+                "sequence_number": {"type": "integer"},
+                "item_id": {"type": "string"},
+                "output_index": {"type": "integer"},
+                "content_index": {"type": "integer"},
+                "partial_image_index": {"type": "integer"},
+                "partial_image_b64": {"type": "string"},
+                "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
+            },
+        }  # fmt: skip
+        self._event_schemas["response.output_image.partial_image"] = "OutputImagePartialImageEvent"
 
     def _validate(self, instance: Any, schema_name: str) -> None:
         schema = {"$ref": f"#/components/schemas/{schema_name}", "components": self._components}

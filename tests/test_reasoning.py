@@ -12,8 +12,9 @@ import torch
 from conftest import OpenResponsesSchema, RunningServer, free_port, start_server, stop_server, stream_events
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from respserve.api.converter import ResponseConverter, initial_resource
+from respserve.api.converter import ResponseConverter
 from respserve.api.output_parsers import OutputParser, ReasoningParser, ReasoningSegment, TextSegment
+from respserve.api.response_events import initial_resource
 from respserve.config import load_settings
 from respserve.engine.detokenizer import IncrementalDetokenizer
 from respserve.engine.generation import GenerationOutput, GenerationStatus

@@ -11,7 +11,7 @@ import openai
 import pytest
 from conftest import OpenResponsesSchema, RunningServer, stream_events
 
-from respserve.api.converter import ResponseConverter, initial_resource
+from respserve.api.converter import ResponseConverter
 from respserve.api.output_parsers import (
     CallArguments,
     CallEnd,
@@ -20,6 +20,7 @@ from respserve.api.output_parsers import (
     JsonToolParser,
     TextSegment,
 )
+from respserve.api.response_events import initial_resource
 from respserve.engine.generation import GenerationOutput, GenerationStatus
 from respserve.protocol.request import CreateResponseRequest
 

@@ -28,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-running", dest="max_running", type=int)
     serve.add_argument("--max-queued", dest="max_queued", type=int)
     serve.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int)
+    serve.add_argument(
+        "--image-model", dest="image_models", action="append", help="a diffusers folder, PATH or ID=PATH (repeatable)"
+    )
+    serve.add_argument(
+        "--image-compile", dest="image_compile", action="store_const", const=True, help="torch.compile image models"
+    )
+    serve.add_argument("--image-max-batch", dest="image_max_batch", type=int)
+    serve.add_argument("--image-max-side", dest="image_max_side", type=int)
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--api-key", dest="api_keys", action="append", help="accepted key (repeatable)")
     serve.add_argument(

@@ -6,11 +6,12 @@ variables, then CLI flags (passed in as init arguments).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 from platformdirs import user_cache_dir, user_data_dir
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -20,6 +21,32 @@ from pydantic_settings import (
 )
 
 DEFAULT_MODEL = "smollm2"
+
+
+class ModelEntry(BaseModel):
+    """One `[[models]]` table of the TOML file. Text comes from `model`; entries here are image models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    id: str | None = None
+    kind: Literal["image"] = "image"
+
+
+@dataclass(frozen=True)
+class ImageModelSpec:
+    id: str
+    path: str
+
+
+def parse_image_model(spec: str) -> ImageModelSpec:
+    """`ID=PATH` names the model; a bare `PATH` is named after its folder."""
+    name, separator, path = spec.partition("=")
+    if not separator:
+        name, path = Path(spec.rstrip("/")).name, spec
+    if not name or not path:
+        raise ValueError(f"image model {spec!r}: expected PATH or ID=PATH")
+    return ImageModelSpec(id=name, path=path)
 
 
 class Settings(BaseSettings):
@@ -66,15 +93,36 @@ class Settings(BaseSettings):
     max_running: int = Field(default=64, ge=1, description="Sequences decoded together in one batch.")
     max_queued: int = Field(default=256, ge=0, description="Requests waiting for a slot; past it, 429.")
     max_prefill_tokens: int = Field(default=4096, ge=1, description="Padded prompt tokens in one prefill.")
+    image_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Diffusers text-to-image folders (or hub ids), each PATH or ID=PATH. Env: comma-separated.",
+    )
+    models: list[ModelEntry] = Field(default_factory=list, description="TOML `[[models]]`: more image models.")
+    image_compile: bool = Field(default=False, description="torch.compile the image models' denoisers.")
+    image_max_batch: int = Field(default=4, ge=1, description="Images generated together in one pipeline call.")
+    image_max_side: int = Field(default=2048, ge=64, description="Largest width or height an image request gets.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = Field(default=False, description="Request log lines as JSON objects.")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "image_models", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @field_validator("image_models")
+    @classmethod
+    def _check_image_models(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            parse_image_model(spec)
+        return value
+
+    @property
+    def image_model_specs(self) -> list[ImageModelSpec]:
+        specs = [parse_image_model(spec) for spec in self.image_models]
+        specs += [ImageModelSpec(id=entry.id or Path(entry.path).name, path=entry.path) for entry in self.models]
+        return specs
 
     # Set by the CLI or RESPSERVE_CONFIG; read before the other sources (see settings_customise_sources).
     config: Path | None = None

@@ -1,4 +1,4 @@
-"""The FastAPI application: its lifespan loads the model and starts the worker, then stops it."""
+"""The FastAPI application: its lifespan loads the models and starts their workers, then stops them."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -15,10 +16,12 @@ from respserve.api.body_limit import BodyLimitMiddleware
 from respserve.api.errors import install_error_handlers
 from respserve.api.metrics import Metrics
 from respserve.api.request_log import RequestLogMiddleware
-from respserve.api.routes import conversations, health, models, responses
+from respserve.api.routes import conversations, health, images, models, responses
 from respserve.api.routes import metrics as metrics_routes
-from respserve.api.state import AppState, ServedModel
+from respserve.api.state import AppState, ServedImageModel, ServedModel
 from respserve.config import Settings
+from respserve.engine.image_pipeline import ImagePipeline
+from respserve.engine.image_worker import ImageWorker, ImageWorkerLimits
 from respserve.engine.model_source import resolve_model_source
 from respserve.engine.text_pipeline import TextPipeline
 from respserve.engine.worker import PipelineWorker, WorkerLimits
@@ -40,6 +43,20 @@ def load_text_model(settings: Settings) -> ServedModel:
     return ServedModel(name=settings.served_model_name or source.name, created=int(time.time()), worker=worker)
 
 
+def load_image_models(settings: Settings) -> list[ServedImageModel]:
+    served = []
+    for spec in settings.image_model_specs:
+        pipeline = ImagePipeline.load(
+            Path(spec.path), device=settings.device, dtype=settings.dtype, compile=settings.image_compile
+        )
+        worker = ImageWorker(
+            pipeline, ImageWorkerLimits(max_batch_images=settings.image_max_batch, max_queued=settings.max_queued)
+        )
+        worker.start()
+        served.append(ServedImageModel(name=spec.id, created=int(time.time()), worker=worker))
+    return served
+
+
 def create_app(settings: Settings) -> FastAPI:
     store = open_store(settings.data_dir)
     metrics = Metrics()
@@ -53,7 +70,9 @@ def create_app(settings: Settings) -> FastAPI:
         served = load_text_model(settings)
         state.models[served.name] = served
         metrics.watch(served.worker)
-        logger.info("serving %s; store in %s", served.name, settings.data_dir)
+        for image_model in load_image_models(settings):
+            state.models[image_model.name] = image_model
+        logger.info("serving %s; store in %s", ", ".join(state.models), settings.data_dir)
         try:
             yield
         finally:
@@ -72,4 +91,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(models.router)
     app.include_router(responses.router)
     app.include_router(conversations.router)
+    app.include_router(images.router)
     return app

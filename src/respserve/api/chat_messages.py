@@ -8,8 +8,17 @@ from typing import Any
 from respserve.api.errors import InvalidRequestError
 from respserve.engine.generation import ChatMessage, ToolCallTurn
 from respserve.protocol.content import InputFile, InputImage, InputText, OutputText, Refusal
-from respserve.protocol.items import FunctionCallInput, FunctionCallOutputInput, InputItem, ReasoningInput
+from respserve.protocol.items import (
+    FunctionCallInput,
+    FunctionCallOutputInput,
+    ImageGenerationCall,
+    InputItem,
+    ReasoningInput,
+)
 from respserve.protocol.request import CreateResponseRequest
+
+# Earlier thoughts (chat templates drop them) and generated images (a text model cannot read them).
+_LEFT_OUT = (ReasoningInput, ImageGenerationCall)
 
 # Open chat templates know `system`, not OpenAI's `developer`: both carry the same authority.
 _TEMPLATE_ROLES = {"developer": "system"}
@@ -23,13 +32,13 @@ def build_chat_messages(
     if request.instructions:
         messages.append(ChatMessage(role="system", content=request.instructions))
     for item in context:
-        if not isinstance(item, ReasoningInput):
+        if not isinstance(item, _LEFT_OUT):
             _append(messages, _message(item, "input", model, accepts_images))
     if isinstance(request.input, str):
         messages.append(ChatMessage(role="user", content=request.input))
     else:
         for index, item in enumerate(request.input):
-            if not isinstance(item, ReasoningInput):
+            if not isinstance(item, _LEFT_OUT):
                 _append(messages, _message(item, f"input[{index}]", model, accepts_images))
     if not any(message.role != "system" for message in messages):
         raise InvalidRequestError("'input' must hold at least one user or assistant message.", param="input")

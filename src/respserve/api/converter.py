@@ -6,8 +6,6 @@ first forwards the events it returns, the second only reads `resource` at the en
 
 from __future__ import annotations
 
-import time
-
 from respserve.api.output_parsers import (
     CallArguments,
     CallStart,
@@ -16,13 +14,12 @@ from respserve.api.output_parsers import (
     Segment,
     TextSegment,
 )
-from respserve.engine.generation import GenerationOutput, GenerationStatus, TokenLogprob
+from respserve.api.response_events import FINAL_STATUS, ResponseEvents
+from respserve.engine.generation import GenerationOutput, TokenLogprob
 from respserve.protocol.content import LogProb, OutputText, ReasoningText, TopLogProb
 from respserve.protocol.events import (
     ContentPartAddedEvent,
     ContentPartDoneEvent,
-    ErrorEvent,
-    ErrorEventPayload,
     FunctionCallArgumentsDeltaEvent,
     FunctionCallArgumentsDoneEvent,
     OutputItemAddedEvent,
@@ -31,26 +28,16 @@ from respserve.protocol.events import (
     OutputTextDoneEvent,
     ReasoningTextDeltaEvent,
     ReasoningTextDoneEvent,
-    ResponseCompletedEvent,
-    ResponseCreatedEvent,
-    ResponseFailedEvent,
-    ResponseIncompleteEvent,
-    ResponseInProgressEvent,
     StreamEvent,
 )
 from respserve.protocol.ids import new_id
 from respserve.protocol.items import FunctionCallItem, MessageStatus, OutputMessage, ReasoningItem
-from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.response import (
-    ConversationRef,
     IncompleteDetails,
     OutputTokensDetails,
-    ResponseError,
     ResponseResource,
-    ResponseStatus,
     Usage,
 )
-from respserve.protocol.text_format import TextConfig
 
 
 def _wire_logprob(logprob: TokenLogprob) -> LogProb:
@@ -62,51 +49,7 @@ def _wire_logprob(logprob: TokenLogprob) -> LogProb:
     )
 
 
-def initial_resource(request: CreateResponseRequest, model: str) -> ResponseResource:
-    """The resource as created: status `in_progress`, no output, the request's parameters echoed."""
-    return ResponseResource(
-        id=new_id("resp"),
-        created_at=int(time.time()),
-        status="in_progress",
-        model=model,
-        previous_response_id=request.previous_response_id,
-        conversation=ConversationRef(id=request.conversation_id) if request.conversation_id else None,
-        instructions=request.instructions,
-        tools=request.tools or [],
-        tool_choice=request.tool_choice or "auto",
-        truncation=request.truncation or "disabled",
-        parallel_tool_calls=True if request.parallel_tool_calls is None else request.parallel_tool_calls,
-        text=request.text or TextConfig(),
-        top_p=1.0 if request.top_p is None else request.top_p,
-        presence_penalty=request.presence_penalty or 0.0,
-        frequency_penalty=request.frequency_penalty or 0.0,
-        top_logprobs=request.top_logprobs or 0,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        reasoning=request.reasoning,
-        max_output_tokens=request.max_output_tokens,
-        max_tool_calls=request.max_tool_calls,
-        store=request.store,
-        background=request.background,
-        service_tier=request.service_tier or "default",
-        metadata=request.metadata or {},
-        safety_identifier=request.safety_identifier,
-        prompt_cache_key=request.prompt_cache_key,
-        user=request.user,
-        seed=request.seed,
-        logit_bias=request.logit_bias,
-        stop=request.stop,
-    )
-
-
-_FINAL_STATUS: dict[GenerationStatus, ResponseStatus] = {
-    GenerationStatus.END_OF_SEQUENCE: "completed",
-    GenerationStatus.MAXIMUM_LENGTH: "incomplete",
-    GenerationStatus.CANCELLED: "cancelled",
-    GenerationStatus.FAILED: "failed",
-}
-
-
-class ResponseConverter:
+class ResponseConverter(ResponseEvents):
     """Keeps the output items of one response and the stream events that build them.
 
     The parser splits the model's text into message text and function calls; a message item opens at the
@@ -116,7 +59,7 @@ class ResponseConverter:
     def __init__(
         self, resource: ResponseResource, parser: OutputParser | None = None, max_tool_calls: int | None = None
     ) -> None:
-        self.resource = resource
+        super().__init__(resource)
         self._parser = parser or OutputParser()
         self._max_tool_calls = max_tool_calls
         self._items: list[OutputMessage | FunctionCallItem] = []
@@ -129,13 +72,6 @@ class ResponseConverter:
         self._reasoning: ReasoningItem | None = None
         self._reasoning_text: list[str] = []
         self._reasoning_tokens = 0
-        self._sequence_number = 0
-
-    def start(self) -> list[StreamEvent]:
-        """The events before the first token: created (queued, for background), then in progress."""
-        created = self._event(ResponseCreatedEvent(response=self._snapshot()))
-        self.resource.status = "in_progress"
-        return [created, self._event(ResponseInProgressEvent(response=self._snapshot()))]
 
     def on_output(self, output: GenerationOutput) -> list[StreamEvent]:
         self._pending_logprobs.extend(_wire_logprob(logprob) for logprob in output.logprobs)
@@ -281,14 +217,13 @@ class ResponseConverter:
 
     # ---- the end ---------------------------------------------------------------------------------------------
     def _finish(self, output: GenerationOutput) -> list[StreamEvent]:
-        status = _FINAL_STATUS[output.final_status]
+        status = FINAL_STATUS[output.final_status]
         item_status: MessageStatus = "completed" if status == "completed" else "incomplete"
         events = self._close_reasoning() + self._close_call(item_status)
         if not any(isinstance(item, OutputMessage | FunctionCallItem) for item in self._items):
             events.extend(self._open_message())  # an empty answer is still one (empty) message
         events.extend(self._close_message(item_status))
         resource = self.resource
-        resource.status = status
         resource.output = list(self._items)
         resource.usage = Usage(
             input_tokens=output.prompt_tokens,
@@ -296,29 +231,6 @@ class ResponseConverter:
             output_tokens_details=OutputTokensDetails(reasoning_tokens=self._reasoning_tokens),
             total_tokens=output.prompt_tokens + output.output_tokens,
         )
-        if status in ("completed", "incomplete"):
-            resource.completed_at = int(time.time())
         if status == "incomplete":
             resource.incomplete_details = IncompleteDetails(reason="max_output_tokens")
-        if status == "failed":
-            resource.error = ResponseError(code="server_error", message=output.error or "generation failed")
-            payload = ErrorEventPayload(type="server_error", code="server_error", message=resource.error.message)
-            events.append(
-                self._event(ErrorEvent(code=payload.code, message=payload.message, param=None, error=payload))
-            )
-        terminal = {
-            "completed": ResponseCompletedEvent,
-            "incomplete": ResponseIncompleteEvent,
-            "failed": ResponseFailedEvent,
-        }.get(status)
-        if terminal is not None:
-            events.append(self._event(terminal(response=self._snapshot())))
-        return events
-
-    def _snapshot(self) -> ResponseResource:
-        return self.resource.model_copy(deep=True)
-
-    def _event(self, event: StreamEvent) -> StreamEvent:
-        event.sequence_number = self._sequence_number
-        self._sequence_number += 1
-        return event
+        return events + self._end(status, output.error)

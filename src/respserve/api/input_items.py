@@ -15,6 +15,7 @@ from respserve.protocol.items import (
     AssistantInputMessage,
     FunctionCallInput,
     FunctionCallOutputInput,
+    ImageGenerationCall,
     InputItem,
     ReasoningInput,
 )
@@ -31,6 +32,9 @@ def stored_input_items(request_input: str | list[Any]) -> list[dict[str, Any]]:
         data = item.model_dump(mode="json", exclude_none=True)
         if isinstance(item, ReasoningInput):
             stored.append({**data, "id": item.id or new_id("rs")})
+            continue
+        if isinstance(item, ImageGenerationCall):
+            stored.append(data)
             continue
         if isinstance(item, FunctionCallInput | FunctionCallOutputInput):
             prefix = "fc" if isinstance(item, FunctionCallInput) else "fco"

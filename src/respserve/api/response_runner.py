@@ -13,12 +13,14 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from respserve.api.converter import ResponseConverter
 from respserve.api.metrics import RequestTimer
-from respserve.engine.worker import OutputStream
+from respserve.api.response_events import ResponseEvents
+from respserve.engine.generation import GenerationOutput
+from respserve.engine.image_encoding import MEDIA_TYPES
+from respserve.engine.output_stream import OutputStream
 from respserve.protocol.events import StreamEvent
 from respserve.protocol.response import ResponseError, ResponseStatus
-from respserve.store.base import ResponseStore
+from respserve.store.base import ResponseStore, StoredImage
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,13 @@ class Persistence:
     save_response: bool  # `store: true`
     conversation_id: str | None
     record_events: bool  # background streams, so that GET ?stream=true can replay them
+    image_ids: tuple[str, ...] = ()  # images served by URL: image i is kept under image_ids[i]
 
 
 class ResponseRunner:
     def __init__(
         self,
-        converter: ResponseConverter,
+        converter: ResponseEvents,
         outputs: OutputStream,
         persistence: Persistence | None,
         timer: RequestTimer | None = None,
@@ -68,6 +71,8 @@ class ResponseRunner:
                 for event in await self._recorded(self.converter.start()):
                     yield event
                 async for output in self._outputs:
+                    if output.images:
+                        await self._keep_images(output)
                     if output.output_tokens:
                         self._timer.token()
                     for event in await self._recorded(self.converter.on_output(output)):
@@ -85,6 +90,20 @@ class ResponseRunner:
     async def run_to_end(self) -> None:
         async for _ in self.events():
             pass
+
+    async def _keep_images(self, output: GenerationOutput) -> None:
+        """Saves the images a URL points at before the events that carry the URL go out."""
+        persistence = self._persistence
+        if persistence is None or not persistence.image_ids:
+            return
+        for image in output.images:
+            stored = StoredImage(
+                id=persistence.image_ids[image.index],
+                response_id=self.response_id,
+                media_type=MEDIA_TYPES[image.format],
+                data=image.data,
+            )
+            await asyncio.to_thread(persistence.store.save_image, stored, persistence.owner)
 
     async def _recorded(self, events: list[StreamEvent]) -> list[StreamEvent]:
         persistence = self._persistence

@@ -1,4 +1,4 @@
-"""What the routes share: the settings and the served models, set up by the app's lifespan."""
+"""What the routes share: the settings and the served models (text and image), set up by the app's lifespan."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from respserve.api.background import BackgroundJobs
 from respserve.api.errors import NotFoundError
 from respserve.api.metrics import Metrics
 from respserve.config import Settings
+from respserve.engine.image_worker import ImageWorker
 from respserve.engine.worker import PipelineWorker
 from respserve.store.base import ResponseStore
 
@@ -23,18 +24,30 @@ class ServedModel:
 
 
 @dataclass
+class ServedImageModel:
+    name: str
+    created: int
+    worker: ImageWorker
+
+
+@dataclass
 class AppState:
     settings: Settings
     store: ResponseStore
     background: BackgroundJobs
     metrics: Metrics
-    models: dict[str, ServedModel] = field(default_factory=dict)
+    models: dict[str, ServedModel | ServedImageModel] = field(default_factory=dict)
 
     @property
-    def default_model(self) -> ServedModel:
+    def default_model(self) -> ServedModel | ServedImageModel:
+        """The text model (loaded first), else the first image model."""
         return next(iter(self.models.values()))
 
-    def resolve_model(self, name: str | None) -> ServedModel:
+    @property
+    def image_models(self) -> list[ServedImageModel]:
+        return [served for served in self.models.values() if isinstance(served, ServedImageModel)]
+
+    def resolve_model(self, name: str | None) -> ServedModel | ServedImageModel:
         if not name:
             return self.default_model
         served = self.models.get(name)

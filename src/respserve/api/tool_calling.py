@@ -34,7 +34,8 @@ class ToolPlan:
 
 
 def plan_tools(body: CreateResponseRequest, grammars: GrammarCompiler, parser_name: ToolParserName) -> ToolPlan:
-    tools = list(body.tools or [])
+    # Hosted tools (image_generation) are not offered to the text model: a forced one never gets here.
+    tools = [tool for tool in body.tools or [] if isinstance(tool, FunctionTool)]
     choice = body.tool_choice or "auto"
     if isinstance(choice, AllowedToolsChoice):
         tools = _allowed(tools, choice)
@@ -49,7 +50,8 @@ def plan_tools(body: CreateResponseRequest, grammars: GrammarCompiler, parser_na
                 f"tool_choice names the function '{choice.name}', which is not in 'tools'.", param="tool_choice.name"
             )
         # Forced: the output is exactly this function's arguments, streamed as argument deltas.
-        grammar = _compile(grammars, spec.parameters, f"tools[{tools.index(_tool(tools, spec.name))}].parameters")
+        index = (body.tools or []).index(_tool(tools, spec.name))
+        grammar = _compile(grammars, spec.parameters, f"tools[{index}].parameters")
         return ToolPlan(tools=[spec], grammar=grammar, parser=ForcedArgumentsParser(spec.name))
     if choice == "required":
         one_of = [

@@ -1,10 +1,11 @@
-"""What goes into the pipeline worker (`GenerationRequest`) and what comes out (`GenerationOutput`)."""
+"""What goes into the workers (`GenerationRequest` for text, `ImageRequest` for images) and what comes out
+(`GenerationOutput`: text deltas, images, and the final status)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,39 @@ class GenerationRequest:
     sampling: SamplingParams
 
 
+ImageFormat = Literal["png", "jpeg", "webp"]
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One text-to-image request: `num_images` images of one prompt, encoded as `output_format`."""
+
+    request_id: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    num_images: int = 1
+    guidance_scale: float | None = None  # None: the pipeline's default
+    negative_prompt: str | None = None
+    seed: int | None = None  # image i is drawn from seed + i, so each image is reproducible on its own
+    output_format: ImageFormat = "png"
+    output_compression: int | None = None  # jpeg/webp quality, 0-100
+    partial_images: int = 0  # previews decoded from the latents along the way (0-3)
+
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        """Requests with equal keys can share one pipeline call."""
+        return (self.width, self.height, self.steps, self.guidance_scale, self.negative_prompt is not None)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    index: int  # which of the request's images
+    data: bytes
+    format: ImageFormat
+
+
 class GenerationStatus(enum.Enum):
     ACTIVE = "active"
     END_OF_SEQUENCE = "end_of_sequence"  # the model emitted EOS or a stop string matched
@@ -97,3 +131,6 @@ class GenerationOutput:
     output_tokens: int = 0
     error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens behind `text`, when asked for
+    images: list[EncodedImage] = field(default_factory=list)  # the finished images (image requests)
+    previews: list[EncodedImage] = field(default_factory=list)  # partial images along the way
+    preview_index: int = 0  # which round of previews `previews` is (0-based)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from respserve.engine.device import pick_device, pick_dtype
 from respserve.engine.generation import ChatMessage, ToolSpec
 from respserve.engine.kv_cache import BatchKVCache, new_cache
 from respserve.engine.model_source import ModelSource
@@ -19,33 +20,12 @@ from respserve.engine.tool_prompt import fallback_turns, native_tools, native_tu
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 class ContextLengthExceeded(ValueError):
     def __init__(self, prompt_tokens: int, context_length: int) -> None:
         super().__init__(f"the input is {prompt_tokens} tokens, and this model's context is {context_length} tokens")
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        return _DTYPES[dtype]
-    if device.type == "cpu":
-        # Measured on a 2-core EPYC without AVX-512 (SmolLM2-135M, one decode step): bf16 is faster alone
-        # (31 vs 66 ms) but its batched matmuls are emulated and slow: 62 vs 192 tokens/s at batch 32.
-        # A server decodes in batches, so float32.
-        return torch.float32
-    return torch.bfloat16
 
 
 class TextPipeline:

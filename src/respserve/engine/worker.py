@@ -18,19 +18,18 @@ serialisation.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from respserve.engine.generation import GenerationOutput, GenerationRequest, GenerationStatus
 from respserve.engine.kv_cache import BatchKVCache, empty_batch
+from respserve.engine.output_stream import OutputStream, QueueFull, RequestChannels
 from respserve.engine.sampler import Sample, Sampler
 from respserve.engine.sequence import Sequence
 from respserve.engine.text_pipeline import TextPipeline
@@ -40,55 +39,11 @@ logger = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.5
 
 
-class QueueFull(RuntimeError):
-    """More requests are waiting than the worker accepts; the caller should retry later."""
-
-
 @dataclass(frozen=True)
 class WorkerLimits:
     max_running: int = 64  # sequences decoded together
     max_queued: int = 256  # requests waiting for a slot
     max_prefill_tokens: int = 4096  # padded prompt tokens in one prefill pass (at least one prompt)
-
-
-@dataclass
-class _Channel:
-    loop: asyncio.AbstractEventLoop
-    outputs: asyncio.Queue[GenerationOutput]
-
-
-class OutputStream:
-    """A request's outputs, in order, ending with the one whose status is final.
-
-    Closing it before the end (the client went away) cancels the request inside the worker.
-    """
-
-    def __init__(self, worker: PipelineWorker, request_id: str, channel: _Channel) -> None:
-        self._worker = worker
-        self._request_id = request_id
-        self._channel = channel
-        self._finished = False
-        self._closed = False
-
-    def __aiter__(self) -> AsyncIterator[GenerationOutput]:
-        return self
-
-    async def __anext__(self) -> GenerationOutput:
-        if self._finished:
-            raise StopAsyncIteration
-        output = await self._channel.outputs.get()
-        if output.final_status.is_done:
-            self._finished = True
-            self._release()
-        return output
-
-    async def aclose(self) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._worker._release(self._request_id, cancel=not self._finished)
 
 
 class PipelineWorker:
@@ -98,8 +53,7 @@ class PipelineWorker:
         self._sampler = Sampler(pipeline.grammars)
         self._inbox: queue.SimpleQueue[GenerationRequest] = queue.SimpleQueue()
         self._waiting: deque[GenerationRequest] = deque()
-        self._channels: dict[str, _Channel] = {}
-        self._cancelled: set[str] = set()
+        self._channels = RequestChannels()
         self._queued = 0
         self._lock = threading.Lock()
         self._running: list[Sequence] = []
@@ -139,20 +93,13 @@ class PipelineWorker:
 
     def submit(self, request: GenerationRequest) -> OutputStream:
         """Queues a request; its outputs arrive on the returned stream. Raises QueueFull at the bound."""
-        channel = _Channel(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if self._queued >= self.limits.max_queued:
                 raise QueueFull(f"{self._queued} requests are already waiting")
             self._queued += 1
-            self._channels[request.request_id] = channel
+        stream = self._channels.open(request.request_id)
         self._inbox.put(request)
-        return OutputStream(self, request.request_id, channel)
-
-    def _release(self, request_id: str, cancel: bool) -> None:
-        with self._lock:
-            self._channels.pop(request_id, None)
-            if cancel:
-                self._cancelled.add(request_id)
+        return stream
 
     # ---- worker-thread side ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -252,10 +199,9 @@ class PipelineWorker:
             self._emit(output)
 
     def _drop_cancelled(self) -> None:
-        with self._lock:
-            if not self._cancelled:
-                return
-            cancelled, self._cancelled = self._cancelled, set()
+        cancelled = self._channels.take_cancelled()
+        if not cancelled:
+            return
         waiting = [request for request in self._waiting if request.request_id not in cancelled]
         with self._lock:
             self._queued -= len(self._waiting) - len(waiting)
@@ -279,10 +225,4 @@ class PipelineWorker:
         self._emit(sequence.output(error=f"{type(exc).__name__}: {exc}"))
 
     def _emit(self, output: GenerationOutput) -> None:
-        with self._lock:
-            channel = self._channels.get(output.request_id)
-        if channel is None:
-            return
-        # A closed loop means nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            channel.loop.call_soon_threadsafe(channel.outputs.put_nowait, output)
+        self._channels.emit(output)

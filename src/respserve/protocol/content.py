@@ -53,6 +53,15 @@ class OutputText(WireModel):
     logprobs: list[LogProb] = Field(default_factory=list)
 
 
+class OutputImage(WireModel):
+    """An image an image model made (Modular MAX's part): inline as base64, or a URL this server serves."""
+
+    type: Literal["output_image"] = "output_image"
+    image_data: str | None = None  # base64, no `data:` prefix
+    image_url: str | None = None
+    format: Literal["png", "jpeg", "webp"] = "png"
+
+
 class Refusal(WireModel):
     type: Literal["refusal"] = "refusal"
     refusal: str
@@ -64,4 +73,5 @@ class ReasoningText(BaseModel):
 
 
 InputContent = Annotated[InputText | InputImage | InputFile, Field(discriminator="type")]
-AssistantContent = Annotated[OutputText | Refusal, Field(discriminator="type")]
+AssistantContent = Annotated[OutputText | OutputImage | Refusal, Field(discriminator="type")]
+OutputContent = Annotated[OutputText | OutputImage, Field(discriminator="type")]

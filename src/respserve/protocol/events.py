@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from respserve.protocol.content import LogProb, OutputText
+from respserve.protocol.content import LogProb, OutputContent
 from respserve.protocol.items import OutputItem
 from respserve.protocol.response import ResponseResource
 
@@ -65,7 +65,7 @@ class ContentPartAddedEvent(StreamEvent):
     item_id: str
     output_index: int
     content_index: int
-    part: OutputText
+    part: OutputContent
 
 
 class ContentPartDoneEvent(StreamEvent):
@@ -73,7 +73,7 @@ class ContentPartDoneEvent(StreamEvent):
     item_id: str
     output_index: int
     content_index: int
-    part: OutputText
+    part: OutputContent
 
 
 class OutputTextDeltaEvent(StreamEvent):
@@ -123,6 +123,46 @@ class ReasoningTextDoneEvent(StreamEvent):
     output_index: int
     content_index: int = 0
     text: str
+
+
+class OutputImagePartialEvent(StreamEvent):
+    """A preview of image `content_index` of an image model's message, decoded from intermediate latents.
+    Not in Open Responses or OpenAI (which streams previews only for its image tool); named after the tool's
+    `partial_image` event, with the same fields."""
+
+    type: Literal["response.output_image.partial_image"] = "response.output_image.partial_image"
+    item_id: str
+    output_index: int
+    content_index: int
+    partial_image_index: int
+    partial_image_b64: str
+    output_format: str
+
+
+class ImageGenerationCallInProgressEvent(StreamEvent):
+    type: Literal["response.image_generation_call.in_progress"] = "response.image_generation_call.in_progress"
+    item_id: str
+    output_index: int
+
+
+class ImageGenerationCallGeneratingEvent(StreamEvent):
+    type: Literal["response.image_generation_call.generating"] = "response.image_generation_call.generating"
+    item_id: str
+    output_index: int
+
+
+class ImageGenerationCallPartialImageEvent(StreamEvent):
+    type: Literal["response.image_generation_call.partial_image"] = "response.image_generation_call.partial_image"
+    item_id: str
+    output_index: int
+    partial_image_index: int
+    partial_image_b64: str
+
+
+class ImageGenerationCallCompletedEvent(StreamEvent):
+    type: Literal["response.image_generation_call.completed"] = "response.image_generation_call.completed"
+    item_id: str
+    output_index: int
 
 
 class ErrorEventPayload(BaseModel):

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag
 
-from respserve.protocol.content import AssistantContent, InputContent, OutputText, ReasoningText, WireModel
+from respserve.protocol.content import AssistantContent, InputContent, OutputContent, ReasoningText, WireModel
 
 MessageStatus = Literal["in_progress", "completed", "incomplete"]
 
@@ -63,6 +63,19 @@ class ReasoningInput(WireModel):
     encrypted_content: str | None = None
 
 
+class ImageGenerationCall(WireModel):
+    """OpenAI's `image_generation` tool at work: the image (base64) in `result`. Output, and accepted back as
+    input (left out of a text model's prompt)."""
+
+    type: Literal["image_generation_call"] = "image_generation_call"
+    id: str
+    status: Literal["in_progress", "generating", "completed", "failed"]
+    result: str | None = None
+    revised_prompt: str | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    size: str | None = None
+
+
 def _item_tag(value: Any) -> str | None:
     """Messages are told apart by role, other items by type; a missing type means a message."""
     get = value.get if isinstance(value, dict) else lambda key, default=None: getattr(value, key, default)
@@ -77,7 +90,8 @@ InputItem = Annotated[
     | Annotated[AssistantInputMessage, Tag("message:assistant")]
     | Annotated[FunctionCallInput, Tag("function_call")]
     | Annotated[FunctionCallOutputInput, Tag("function_call_output")]
-    | Annotated[ReasoningInput, Tag("reasoning")],
+    | Annotated[ReasoningInput, Tag("reasoning")]
+    | Annotated[ImageGenerationCall, Tag("image_generation_call")],
     Discriminator(_item_tag, custom_error_type="invalid_item", custom_error_message="unsupported input item"),
 ]
 
@@ -87,7 +101,7 @@ class OutputMessage(BaseModel):
     id: str
     status: MessageStatus
     role: Literal["assistant"] = "assistant"
-    content: list[OutputText] = Field(default_factory=list)
+    content: list[OutputContent] = Field(default_factory=list)
 
 
 class FunctionCallItem(BaseModel):
@@ -106,4 +120,6 @@ class ReasoningItem(BaseModel):
     content: list[ReasoningText] = Field(default_factory=list)
 
 
-OutputItem = Annotated[OutputMessage | FunctionCallItem | ReasoningItem, Field(discriminator="type")]
+OutputItem = Annotated[
+    OutputMessage | FunctionCallItem | ReasoningItem | ImageGenerationCall, Field(discriminator="type")
+]

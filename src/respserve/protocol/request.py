@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from respserve.protocol.content import WireModel
+from respserve.protocol.image_options import ProviderOptions
 from respserve.protocol.items import InputItem
 from respserve.protocol.text_format import TextConfig
 from respserve.protocol.tools import Tool, ToolChoice
@@ -76,6 +77,7 @@ class CreateResponseRequest(WireModel):
     stop: str | list[str] | None = None
     top_k: int | None = Field(default=None, ge=0)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    provider_options: ProviderOptions | None = None  # `image`: options for image models
 
     _check_metadata = check_metadata
 

@@ -17,6 +17,14 @@ class ItemPage:
 
 
 @dataclass(frozen=True)
+class StoredImage:
+    id: str
+    response_id: str
+    media_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class StoredConversation:
     id: str
     created_at: int
@@ -24,7 +32,7 @@ class StoredConversation:
 
 
 class ResponseStore(ABC):
-    """Responses (resource JSON, input items, output items, stream events) and conversations."""
+    """Responses (resource JSON, input items, output items, stream events, images) and conversations."""
 
     # ---- responses --------------------------------------------------------------------------------------
     @abstractmethod
@@ -60,6 +68,14 @@ class ResponseStore(ABC):
 
     @abstractmethod
     def events_after(self, response_id: str, sequence_number: int) -> list[tuple[int, str]]: ...
+
+    # ---- images served by URL (`response_format: url`) --------------------------------------------------
+    @abstractmethod
+    def save_image(self, image: StoredImage, owner: str | None) -> None:
+        """Kept whether or not the response is stored: its URL is the answer. Deleting the response deletes it."""
+
+    @abstractmethod
+    def get_image(self, image_id: str, owner: str | None) -> StoredImage | None: ...
 
     # ---- conversations ---------------------------------------------------------------------------------
     @abstractmethod

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from respserve.store.base import Item, ItemPage, Order, ResponseStore, StoredConversation
+from respserve.store.base import Item, ItemPage, Order, ResponseStore, StoredConversation, StoredImage
 
 # Each entry migrates the schema from version i to i + 1; append, never edit.
 MIGRATIONS: list[str] = [
@@ -49,6 +49,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX conversation_items_by_conversation ON conversation_items (conversation_id, position);
     CREATE UNIQUE INDEX conversation_items_by_id ON conversation_items (conversation_id, item_id);
+    """,
+    """
+    CREATE TABLE images (
+        id TEXT PRIMARY KEY,
+        response_id TEXT NOT NULL,  -- no foreign key: an unstored response's images are kept too
+        owner TEXT,
+        media_type TEXT NOT NULL,
+        data BLOB NOT NULL
+    );
+    CREATE INDEX images_by_response ON images (response_id);
     """,
 ]
 
@@ -124,7 +134,10 @@ class SqliteResponseStore(ResponseStore):
 
     def delete_response(self, response_id: str, owner: str | None) -> bool:
         with self._transaction() as db:
-            return db.execute("DELETE FROM responses WHERE id = ? AND owner IS ?", (response_id, owner)).rowcount > 0
+            deleted = db.execute("DELETE FROM responses WHERE id = ? AND owner IS ?", (response_id, owner)).rowcount
+            if deleted:
+                db.execute("DELETE FROM images WHERE response_id = ?", (response_id,))
+            return deleted > 0
 
     def list_input_items(
         self, response_id: str, owner: str | None, limit: int, order: Order, after: str | None
@@ -261,6 +274,19 @@ class SqliteResponseStore(ResponseStore):
                 (conversation_id, item_id, owner),
             )
             return deleted.rowcount > 0
+
+    def save_image(self, image: StoredImage, owner: str | None) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO images (id, response_id, owner, media_type, data) VALUES (?, ?, ?, ?, ?)",
+                (image.id, image.response_id, owner, image.media_type, image.data),
+            )
+
+    def get_image(self, image_id: str, owner: str | None) -> StoredImage | None:
+        rows = self._query(
+            "SELECT id, response_id, media_type, data FROM images WHERE id = ? AND owner IS ?", (image_id, owner)
+        )
+        return StoredImage(*rows[0]) if rows else None
 
     def close(self) -> None:
         with self._lock:

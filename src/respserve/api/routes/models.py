@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from respserve.api.auth import Owner
-from respserve.api.state import ServedModel, StateDep
+from respserve.api.state import ServedImageModel, ServedModel, StateDep
 from respserve.protocol.models import ModelCard, ModelList
 
 router = APIRouter()
 
 
-def _card(served: ServedModel) -> ModelCard:
+def _card(served: ServedModel | ServedImageModel) -> ModelCard:
     return ModelCard(id=served.name, created=served.created)
 
 

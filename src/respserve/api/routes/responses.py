@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -14,19 +15,27 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from respserve.api.auth import Owner
-from respserve.api.converter import ResponseConverter, initial_resource
+from respserve.api.converter import ResponseConverter
 from respserve.api.errors import GatewayTimeoutError, InvalidRequestError, NotFoundError, RateLimitError
 from respserve.api.generation_plan import output_parser, plan_generation, stored_context_items
+from respserve.api.image_converter import ImageCallConverter, ImageMessageConverter
+from respserve.api.image_plan import forced_image_tool, plan_image, plan_image_tool, tool_image_model
 from respserve.api.input_items import stored_input_items
 from respserve.api.metrics import RequestTimer
 from respserve.api.pagination import Include, Limit, Order
+from respserve.api.response_events import ResponseEvents, initial_resource
 from respserve.api.response_runner import Persistence, ResponseRunner
 from respserve.api.sse import DONE, event_frame, frame
-from respserve.api.state import AppState, StateDep
-from respserve.engine.worker import QueueFull
+from respserve.api.state import AppState, ServedImageModel, ServedModel, StateDep
+from respserve.engine.generation import GenerationRequest, ImageRequest
+from respserve.engine.image_worker import ImageWorker
+from respserve.engine.output_stream import QueueFull
+from respserve.engine.worker import PipelineWorker
+from respserve.protocol.ids import new_id
+from respserve.protocol.items import InputItem
 from respserve.protocol.lists import ItemList
 from respserve.protocol.request import CreateResponseRequest
-from respserve.protocol.response import ResponseDeleted
+from respserve.protocol.response import ResponseDeleted, ResponseResource
 
 router = APIRouter()
 
@@ -47,13 +56,12 @@ async def create_response(
         )
     stored_context = await stored_context_items(body, state, owner)
     input_items = stored_input_items(body.input)
-    generation, tool_plan = await plan_generation(body, stored_context, served, state)
-
     resource = initial_resource(body, served.name)
     if body.background:
         resource.status = "queued"
+    work = await _plan(body, stored_context, served, state, resource, str(http_request.base_url))
     try:
-        outputs = served.worker.submit(generation)
+        outputs = work.worker.submit(work.request)
     except QueueFull as exc:
         raise RateLimitError(
             "The server is at capacity; retry shortly.",
@@ -67,11 +75,9 @@ async def create_response(
         save_response=body.store,
         conversation_id=body.conversation_id,
         record_events=body.background and body.stream,
+        image_ids=work.image_ids,
     )
-    # One call when parallel calls are off; at most max_tool_calls otherwise.
-    max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
-    converter = ResponseConverter(resource, output_parser(tool_plan, generation, served, state), max_calls)
-    runner = ResponseRunner(converter, outputs, persistence, RequestTimer(state.metrics))
+    runner = ResponseRunner(work.converter, outputs, persistence, RequestTimer(state.metrics))
     await runner.save_initial()
 
     if body.background:
@@ -84,6 +90,47 @@ async def create_response(
         return EventSourceResponse(_stream(runner), sep="\n", ping=15)
     await _run_until_disconnect(runner.run_to_end(), http_request, state.settings.request_timeout_s)
     return JSONResponse(runner.converter.resource.to_wire())
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What one response runs: a request for a worker, and the converter that turns its outputs into events."""
+
+    worker: PipelineWorker | ImageWorker
+    request: GenerationRequest | ImageRequest
+    converter: ResponseEvents
+    image_ids: tuple[str, ...] = ()
+
+
+async def _plan(
+    body: CreateResponseRequest,
+    stored_context: list[InputItem],
+    served: ServedModel | ServedImageModel,
+    state: AppState,
+    resource: ResponseResource,
+    base_url: str,
+) -> _Work:
+    """An image model makes images; a text model forced to call `image_generation` hands the prompt to an
+    image model; otherwise the text model generates."""
+    if isinstance(served, ServedImageModel):
+        request = plan_image(body, served, state)
+        options = body.provider_options.image if body.provider_options else None
+        if options is None or options.response_format == "b64_json":
+            return _Work(served.worker, request, ImageMessageConverter(resource))
+        image_ids = tuple(new_id("img") for _ in range(request.num_images))
+        urls = [f"{base_url}v1/images/{image_id}/content" for image_id in image_ids]
+        return _Work(served.worker, request, ImageMessageConverter(resource, urls), image_ids)
+    tool = forced_image_tool(body)
+    if tool is not None:
+        image_model = tool_image_model(tool, state)
+        request = plan_image_tool(body, tool, image_model, state)
+        converter = ImageCallConverter(resource, request.prompt, f"{request.width}x{request.height}")
+        return _Work(image_model.worker, request, converter)
+    generation, tool_plan = await plan_generation(body, stored_context, served, state)
+    # One call when parallel calls are off; at most max_tool_calls otherwise.
+    max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
+    parser = output_parser(tool_plan, generation, served, state)
+    return _Work(served.worker, generation, ResponseConverter(resource, parser, max_calls))
 
 
 async def _stream(runner: ResponseRunner) -> AsyncIterator[ServerSentEvent]:

@@ -1,0 +1,213 @@
+"""The image worker: a thread that owns a diffusers pipeline and batches compatible requests.
+
+Waiting requests with the same size, steps, guidance and negative-prompt presence (`ImageRequest.batch_key`)
+run as one pipeline call, up to `max_batch_images` images. A request's previews are decoded from the
+latents at evenly spaced steps; its final images are encoded here, off the event loop.
+
+A thread of its own, beside the text worker: each denoising step is one call into torch, which releases
+the GIL, so text decoding goes on between (and, on a GPU, beside: this worker uses its own CUDA stream).
+Cancelling a request drops its images; when every request of a call is gone, the call stops at the next
+step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from collections import deque
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from respserve.engine.generation import EncodedImage, GenerationOutput, GenerationStatus, ImageRequest
+from respserve.engine.image_encoding import encode_image
+from respserve.engine.image_pipeline import ImagePipeline
+from respserve.engine.output_stream import OutputStream, QueueFull, RequestChannels
+
+logger = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class ImageWorkerLimits:
+    max_batch_images: int = 4  # images in one pipeline call
+    max_queued: int = 64  # requests waiting; past it, QueueFull
+
+
+def preview_steps(steps: int, partial_images: int) -> list[int]:
+    """The steps after which previews are decoded: evenly spaced, never the last step (that is the image)."""
+    marks = sorted({round(steps * (k + 1) / (partial_images + 1)) for k in range(partial_images)})
+    return [mark for mark in marks if 0 < mark < steps]
+
+
+class ImageWorker:
+    def __init__(self, pipeline: ImagePipeline, limits: ImageWorkerLimits | None = None) -> None:
+        self.pipeline = pipeline
+        self.limits = limits or ImageWorkerLimits()
+        self._inbox: queue.SimpleQueue[ImageRequest] = queue.SimpleQueue()
+        self._waiting: deque[ImageRequest] = deque()
+        self._channels = RequestChannels()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._running = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="respserve-image-worker", daemon=True)
+        self._stream = torch.cuda.Stream(pipeline.device) if pipeline.device.type == "cuda" else None
+        self.batches = 0  # pipeline calls made; a call of several requests is one
+
+    # ---- event-loop side -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    @property
+    def num_running(self) -> int:
+        return self._running
+
+    @property
+    def num_queued(self) -> int:
+        return self._queued
+
+    def submit(self, request: ImageRequest) -> OutputStream:
+        """Queues a request; its previews and images arrive on the returned stream."""
+        with self._lock:
+            if self._queued >= self.limits.max_queued:
+                raise QueueFull(f"{self._queued} image requests are already waiting")
+            self._queued += 1
+        stream = self._channels.open(request.request_id)
+        self._inbox.put(request)
+        return stream
+
+    # ---- worker-thread side ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._receive()
+            self._cancelled |= self._channels.take_cancelled()
+            batch = self._next_batch()
+            if batch:
+                self._generate(batch)
+
+    def _receive(self) -> None:
+        block = not self._waiting
+        try:
+            request = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._waiting.append(request)
+            try:
+                request = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _next_batch(self) -> list[ImageRequest]:
+        """The oldest waiting request and the later ones it can share a call with (order kept otherwise)."""
+        batch: list[ImageRequest] = []
+        kept: deque[ImageRequest] = deque()
+        images = 0
+        waiting = len(self._waiting)
+        while self._waiting:
+            request = self._waiting.popleft()
+            if request.request_id in self._cancelled:
+                self._cancelled.discard(request.request_id)
+                continue
+            fits = not batch or (
+                request.batch_key == batch[0].batch_key and images + request.num_images <= self.limits.max_batch_images
+            )
+            if fits:
+                batch.append(request)
+                images += request.num_images
+            else:
+                kept.append(request)
+        self._waiting = kept
+        with self._lock:
+            self._queued -= waiting - len(kept)
+            self._running = len(batch)
+        return batch
+
+    def _generate(self, batch: list[ImageRequest]) -> None:
+        pipeline = self.pipeline
+        first = batch[0]
+        prompts: list[str] = []
+        negatives: list[str] = []
+        seeds: list[int] = []
+        rows: dict[str, range] = {}  # each request's images in the call
+        for request in batch:
+            start = len(prompts)
+            base = request.seed if request.seed is not None else random.randrange(2**32)
+            prompts += [request.prompt] * request.num_images
+            negatives += [request.negative_prompt or ""] * request.num_images
+            seeds += [base + index for index in range(request.num_images)]
+            rows[request.request_id] = range(start, len(prompts))
+        marks = {request.request_id: preview_steps(request.steps, request.partial_images) for request in batch}
+
+        def on_step(step: int, latents: torch.Tensor) -> bool:
+            self._cancelled |= self._channels.take_cancelled()
+            live = [request for request in batch if request.request_id not in self._cancelled]
+            for request in live:
+                request_marks = marks[request.request_id]
+                if step in request_marks:
+                    self._emit_preview(request, request_marks.index(step), latents[rows[request.request_id]])
+            return not live
+
+        guidance = first.guidance_scale if first.guidance_scale is not None else pipeline.default_guidance_scale
+        try:
+            with self._device_stream():
+                images = pipeline.generate(
+                    prompts,
+                    negatives if first.negative_prompt is not None else None,
+                    seeds,
+                    first.width,
+                    first.height,
+                    first.steps,
+                    guidance,
+                    on_step,
+                )
+            self.batches += 1
+        except Exception as exc:  # a failed call fails its requests; the worker goes on
+            logger.exception("image generation failed for %d requests", len(batch))
+            for request in batch:
+                self._channels.emit(
+                    GenerationOutput(request.request_id, final_status=GenerationStatus.FAILED, error=f"{exc}")
+                )
+            return
+        finally:
+            with self._lock:
+                self._running = 0
+        for request in batch:
+            if request.request_id in self._cancelled:
+                self._cancelled.discard(request.request_id)
+                continue
+            encoded = _encoded(request, [images[row] for row in rows[request.request_id]])
+            self._channels.emit(
+                GenerationOutput(request.request_id, final_status=GenerationStatus.END_OF_SEQUENCE, images=encoded)
+            )
+
+    def _emit_preview(self, request: ImageRequest, preview_index: int, latents: torch.Tensor) -> None:
+        previews = _encoded(request, self.pipeline.preview(latents, request.width, request.height))
+        if previews:
+            self._channels.emit(GenerationOutput(request.request_id, previews=previews, preview_index=preview_index))
+
+    def _device_stream(self) -> AbstractContextManager[object]:
+        return torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
+
+
+def _encoded(request: ImageRequest, pictures: list[Image.Image]) -> list[EncodedImage]:
+    image_format, compression = request.output_format, request.output_compression
+    return [
+        EncodedImage(index, encode_image(picture, image_format, compression), image_format)
+        for index, picture in enumerate(pictures)
+    ]

@@ -1,0 +1,97 @@
+"""How a worker thread hands a request's outputs to the event loop, and learns that a client went away.
+
+Both workers (text and image) share this: `open` on the event loop gives the caller an `OutputStream`;
+the worker thread `emit`s into it and collects the ids of streams closed early with `take_cancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from respserve.engine.generation import GenerationOutput
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the worker accepts; the caller should retry later."""
+
+
+@dataclass
+class _Channel:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue[GenerationOutput]
+
+
+class OutputStream:
+    """A request's outputs, in order, ending with the one whose status is final.
+
+    Closing it before the end (the client went away) cancels the request inside the worker.
+    """
+
+    def __init__(self, channels: RequestChannels, request_id: str, channel: _Channel) -> None:
+        self._channels = channels
+        self._request_id = request_id
+        self._channel = channel
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[GenerationOutput]:
+        return self
+
+    async def __anext__(self) -> GenerationOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        output = await self._channel.outputs.get()
+        if output.final_status.is_done:
+            self._finished = True
+            self._release()
+        return output
+
+    async def aclose(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._channels.release(self._request_id, cancel=not self._finished)
+
+
+class RequestChannels:
+    """The open output streams of one worker, keyed by request id; safe to use from both sides."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._channels: dict[str, _Channel] = {}
+        self._cancelled: set[str] = set()
+
+    def open(self, request_id: str) -> OutputStream:
+        """Called on the event loop, before the request reaches the worker."""
+        channel = _Channel(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            self._channels[request_id] = channel
+        return OutputStream(self, request_id, channel)
+
+    def release(self, request_id: str, cancel: bool) -> None:
+        with self._lock:
+            self._channels.pop(request_id, None)
+            if cancel:
+                self._cancelled.add(request_id)
+
+    def take_cancelled(self) -> set[str]:
+        """The requests whose streams closed early since the last call."""
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+        return cancelled
+
+    def emit(self, output: GenerationOutput) -> None:
+        """Called on the worker thread."""
+        with self._lock:
+            channel = self._channels.get(output.request_id)
+        if channel is None:
+            return
+        # A closed loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            channel.loop.call_soon_threadsafe(channel.outputs.put_nowait, output)

@@ -1,0 +1,33 @@
+"""`provider_options.image`: what an image model's request may set (Modular MAX carries them there).
+
+Bounds that do not depend on the model are checked here; the size multiple and the largest side depend on
+the pipeline and are checked when the request is planned (api/image_plan.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from respserve.protocol.content import WireModel
+
+MAX_IMAGES_PER_REQUEST = 8
+MAX_STEPS = 200
+
+
+class ImageOptions(WireModel):
+    width: int | None = Field(default=None, ge=1)
+    height: int | None = Field(default=None, ge=1)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
+    negative_prompt: str | None = Field(default=None, max_length=4000)
+    num_images: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(default=None, ge=0, le=100)  # jpeg/webp quality, 100 best
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    partial_images: int = Field(default=0, ge=0, le=3)  # previews while streaming
+
+
+class ProviderOptions(WireModel):
+    image: ImageOptions | None = None
