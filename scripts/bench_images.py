@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16, help="images per run")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--text-model", help="respserve's text model (default: the embedded SmolLM2)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "respserve-bench-images")
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "images.json")
     parser.add_argument("--port", type=int, default=8124)
@@ -162,6 +163,8 @@ def main() -> None:
     runs = [run_diffusers(folders[model], model, size, args.steps, args.images, args.device) for model in models]
     command = [sys.executable, "-m", "respserve", "serve", "--port", str(args.port), "--device", args.device]
     command += ["--data-dir", str(args.workdir / "data")]
+    if args.text_model:
+        command += ["--model", args.text_model]
     for model in models:
         command += ["--image-model", f"{model}={folders[model]}"]
     base_url = f"http://127.0.0.1:{args.port}"

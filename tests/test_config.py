@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from respserve.config import load_settings
+from respserve.config import ImageModelSpec, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,3 +42,25 @@ def test_bad_values_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RESPSERVE_DEVICE", "tpu")
     with pytest.raises(ValueError, match="device"):
         load_settings()
+
+
+def test_image_models_from_flags_environment_and_toml_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from respserve.cli import _parser
+
+    flags = vars(_parser().parse_args(["serve", "--image-model", "/m/sd-1.5", "--image-model", "flux=/m/FLUX.1"]))
+    assert load_settings(image_models=flags["image_models"]).image_model_specs == [
+        ImageModelSpec(id="sd-1.5", path="/m/sd-1.5"),
+        ImageModelSpec(id="flux", path="/m/FLUX.1"),
+    ]
+    monkeypatch.setenv("RESPSERVE_IMAGE_MODELS", "a=/x, /y/b/")
+    assert [spec.id for spec in load_settings().image_model_specs] == ["a", "b"]
+    monkeypatch.delenv("RESPSERVE_IMAGE_MODELS")
+    toml = tmp_path / "settings.toml"
+    toml.write_text(
+        'image_max_batch = 2\n[[models]]\npath = "/m/sd3"\nkind = "image"\n[[models]]\nid = "f"\npath = "/m/f"\n'
+    )
+    settings = load_settings(config=str(toml))
+    assert settings.image_max_batch == 2
+    assert settings.image_model_specs == [ImageModelSpec(id="sd3", path="/m/sd3"), ImageModelSpec(id="f", path="/m/f")]
+    with pytest.raises(ValueError, match="image_models"):
+        load_settings(image_models=["=/no/name"])

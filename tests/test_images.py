@@ -351,3 +351,12 @@ def test_cuda_pipeline_runs_in_bf16_and_matches_its_seed(tmp_path: Path) -> None
 
     assert run(1).shape == (64, 64, 3)
     assert np.array_equal(run(1), run(1))
+
+
+def test_background_image_response_completes_and_is_retrievable(ihttp: httpx.Client) -> None:
+    body = {"model": "tiny-sd", "input": "fox", "background": True, "provider_options": {"image": FAST}}
+    created = ihttp.post("/v1/responses", json=body).json()
+    assert created["status"] == "queued"
+    assert wait_for(lambda: ihttp.get(f"/v1/responses/{created['id']}").json()["status"] == "completed")
+    (part,) = _images(ihttp.get(f"/v1/responses/{created['id']}").json())
+    assert _decode(part["image_data"]).size == (64, 64)
