@@ -94,11 +94,14 @@ class ImageWorker:
     # ---- worker-thread side ----------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._receive()
-            self._cancelled |= self._channels.take_cancelled()
-            batch = self._next_batch()
-            if batch:
-                self._generate(batch)
+            try:
+                self._receive()
+                self._cancelled |= self._channels.take_cancelled()
+                batch = self._next_batch()
+                if batch:
+                    self._generate(batch)
+            except Exception:  # a bug past the per-call guard: keep serving the next requests
+                logger.exception("the image worker failed between calls")
 
     def _receive(self) -> None:
         block = not self._waiting
