@@ -17,7 +17,7 @@ from respserve.api.metrics import RequestTimer
 from respserve.api.response_events import ResponseEvents
 from respserve.engine.generation import GenerationOutput
 from respserve.engine.image_encoding import MEDIA_TYPES
-from respserve.engine.output_stream import OutputStream
+from respserve.engine.request_queue import OutputStream
 from respserve.protocol.events import StreamEvent
 from respserve.protocol.response import ResponseError, ResponseStatus
 from respserve.store.base import ResponseStore, StoredImage

@@ -13,7 +13,6 @@ step.
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 from collections import deque
@@ -26,11 +25,9 @@ from PIL import Image
 from respserve.engine.generation import EncodedImage, GenerationOutput, GenerationStatus, ImageRequest
 from respserve.engine.image_encoding import encode_image
 from respserve.engine.image_pipeline import ImagePipeline
-from respserve.engine.output_stream import OutputStream, QueueFull, RequestChannels
+from respserve.engine.request_queue import OutputStream, RequestQueue
 
 logger = logging.getLogger(__name__)
-
-_IDLE_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -49,12 +46,9 @@ class ImageWorker:
     def __init__(self, pipeline: ImagePipeline, limits: ImageWorkerLimits | None = None) -> None:
         self.pipeline = pipeline
         self.limits = limits or ImageWorkerLimits()
-        self._inbox: queue.SimpleQueue[ImageRequest] = queue.SimpleQueue()
+        self._queue: RequestQueue[ImageRequest] = RequestQueue(self.limits.max_queued)
         self._waiting: deque[ImageRequest] = deque()
-        self._channels = RequestChannels()
         self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
-        self._queued = 0
         self._running = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="respserve-image-worker", daemon=True)
@@ -79,24 +73,18 @@ class ImageWorker:
 
     @property
     def num_queued(self) -> int:
-        return self._queued
+        return self._queue.num_waiting
 
     def submit(self, request: ImageRequest) -> OutputStream:
         """Queues a request; its previews and images arrive on the returned stream."""
-        with self._lock:
-            if self._queued >= self.limits.max_queued:
-                raise QueueFull(f"{self._queued} image requests are already waiting")
-            self._queued += 1
-        stream = self._channels.open(request.request_id)
-        self._inbox.put(request)
-        return stream
+        return self._queue.submit(request.request_id, request)
 
     # ---- worker-thread side ----------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
                 self._receive()
-                self._cancelled |= self._channels.take_cancelled()
+                self._cancelled |= self._queue.channels.take_cancelled()
                 batch = self._next_batch()
                 if batch:
                     self._generate(batch)
@@ -104,17 +92,7 @@ class ImageWorker:
                 logger.exception("the image worker failed between calls")
 
     def _receive(self) -> None:
-        block = not self._waiting
-        try:
-            request = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._waiting.append(request)
-            try:
-                request = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        self._waiting.extend(self._queue.receive(block=not self._waiting))
 
     def _next_batch(self) -> list[ImageRequest]:
         """The oldest waiting request and the later ones it can share a call with (order kept otherwise)."""
@@ -136,9 +114,8 @@ class ImageWorker:
             else:
                 kept.append(request)
         self._waiting = kept
-        with self._lock:
-            self._queued -= waiting - len(kept)
-            self._running = len(batch)
+        self._queue.left(waiting - len(kept))
+        self._running = len(batch)
         return batch
 
     def _generate(self, batch: list[ImageRequest]) -> None:
@@ -158,7 +135,7 @@ class ImageWorker:
         marks = {request.request_id: preview_steps(request.steps, request.partial_images) for request in batch}
 
         def on_step(step: int, latents: torch.Tensor) -> bool:
-            self._cancelled |= self._channels.take_cancelled()
+            self._cancelled |= self._queue.channels.take_cancelled()
             live = [request for request in batch if request.request_id not in self._cancelled]
             for request in live:
                 request_marks = marks[request.request_id]
@@ -183,26 +160,27 @@ class ImageWorker:
         except Exception as exc:  # a failed call fails its requests; the worker goes on
             logger.exception("image generation failed for %d requests", len(batch))
             for request in batch:
-                self._channels.emit(
+                self._queue.channels.emit(
                     GenerationOutput(request.request_id, final_status=GenerationStatus.FAILED, error=f"{exc}")
                 )
             return
         finally:
-            with self._lock:
-                self._running = 0
+            self._running = 0
         for request in batch:
             if request.request_id in self._cancelled:
                 self._cancelled.discard(request.request_id)
                 continue
             encoded = _encoded(request, [images[row] for row in rows[request.request_id]])
-            self._channels.emit(
+            self._queue.channels.emit(
                 GenerationOutput(request.request_id, final_status=GenerationStatus.END_OF_SEQUENCE, images=encoded)
             )
 
     def _emit_preview(self, request: ImageRequest, preview_index: int, latents: torch.Tensor) -> None:
         previews = _encoded(request, self.pipeline.preview(latents, request.width, request.height))
         if previews:
-            self._channels.emit(GenerationOutput(request.request_id, previews=previews, preview_index=preview_index))
+            self._queue.channels.emit(
+                GenerationOutput(request.request_id, previews=previews, preview_index=preview_index)
+            )
 
     def _device_stream(self) -> AbstractContextManager[object]:
         return torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()

@@ -20,7 +20,6 @@ serialisation.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -30,14 +29,12 @@ import torch
 
 from respserve.engine.generation import GenerationOutput, GenerationRequest, GenerationStatus
 from respserve.engine.kv_cache import BatchKVCache, empty_batch
-from respserve.engine.output_stream import OutputStream, QueueFull, RequestChannels
+from respserve.engine.request_queue import OutputStream, RequestQueue
 from respserve.engine.sampler import Sample, Sampler
 from respserve.engine.sequence import Sequence
 from respserve.engine.text_pipeline import TextPipeline
 
 logger = logging.getLogger(__name__)
-
-_IDLE_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,11 +49,8 @@ class PipelineWorker:
         self.pipeline = pipeline
         self.limits = limits or WorkerLimits()
         self._sampler = Sampler(pipeline.grammars)
-        self._inbox: queue.SimpleQueue[GenerationRequest] = queue.SimpleQueue()
+        self._queue: RequestQueue[GenerationRequest] = RequestQueue(self.limits.max_queued)
         self._waiting: deque[GenerationRequest] = deque()
-        self._channels = RequestChannels()
-        self._queued = 0
-        self._lock = threading.Lock()
         self._running: list[Sequence] = []
         self._batch: BatchKVCache = empty_batch(pipeline.num_layers, pipeline.device)
         self._stopping = threading.Event()
@@ -81,7 +75,7 @@ class PipelineWorker:
 
     @property
     def num_queued(self) -> int:
-        return self._queued
+        return self._queue.num_waiting
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -94,13 +88,7 @@ class PipelineWorker:
 
     def submit(self, request: GenerationRequest) -> OutputStream:
         """Queues a request; its outputs arrive on the returned stream. Raises QueueFull at the bound."""
-        with self._lock:
-            if self._queued >= self.limits.max_queued:
-                raise QueueFull(f"{self._queued} requests are already waiting")
-            self._queued += 1
-        stream = self._channels.open(request.request_id)
-        self._inbox.put(request)
-        return stream
+        return self._queue.submit(request.request_id, request)
 
     # ---- worker-thread side ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -124,23 +112,13 @@ class PipelineWorker:
             self._fail(sequence, exc)
         for request in self._waiting:
             self._emit(GenerationOutput(request.request_id, final_status=GenerationStatus.FAILED, error=str(exc)))
-        with self._lock:
-            self._queued -= len(self._waiting)
+        self._queue.left(len(self._waiting))
         self._running, self._waiting = [], deque()
         self._batch = empty_batch(self.pipeline.num_layers, self.pipeline.device)
         self.restarts += 1
 
     def _receive(self, block: bool) -> None:
-        try:
-            request = self._inbox.get(timeout=_IDLE_POLL_S) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._waiting.append(request)
-            try:
-                request = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        self._waiting.extend(self._queue.receive(block))
 
     def _admit(self) -> None:
         """Prefills as many waiting requests as fit, as one group, and joins them to the running batch."""
@@ -154,8 +132,7 @@ class PipelineWorker:
             longest = longest_if_added
         if not group:
             return
-        with self._lock:
-            self._queued -= len(group)
+        self._queue.left(len(group))
         pipeline = self.pipeline
         try:
             sequences = [
@@ -200,12 +177,11 @@ class PipelineWorker:
             self._emit(output)
 
     def _drop_cancelled(self) -> None:
-        cancelled = self._channels.take_cancelled()
+        cancelled = self._queue.channels.take_cancelled()
         if not cancelled:
             return
         waiting = [request for request in self._waiting if request.request_id not in cancelled]
-        with self._lock:
-            self._queued -= len(self._waiting) - len(waiting)
+        self._queue.left(len(self._waiting) - len(waiting))
         self._waiting = deque(waiting)
         for sequence in self._running:
             if sequence.request_id in cancelled:
@@ -226,4 +202,4 @@ class PipelineWorker:
         self._emit(sequence.output(error=f"{type(exc).__name__}: {exc}"))
 
     def _emit(self, output: GenerationOutput) -> None:
-        self._channels.emit(output)
+        self._queue.channels.emit(output)

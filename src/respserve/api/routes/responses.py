@@ -29,7 +29,7 @@ from respserve.api.sse import DONE, event_frame, frame
 from respserve.api.state import AppState, ServedImageModel, ServedModel, StateDep
 from respserve.engine.generation import GenerationRequest, ImageRequest
 from respserve.engine.image_worker import ImageWorker
-from respserve.engine.output_stream import QueueFull
+from respserve.engine.request_queue import QueueFull
 from respserve.engine.worker import PipelineWorker
 from respserve.protocol.ids import new_id
 from respserve.protocol.items import InputItem

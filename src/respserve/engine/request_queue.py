@@ -1,18 +1,26 @@
-"""How a worker thread hands a request's outputs to the event loop, and learns that a client went away.
+"""The way into a worker thread and back out, shared by the text and the image worker.
 
-Both workers (text and image) share this: `open` on the event loop gives the caller an `OutputStream`;
-the worker thread `emit`s into it and collects the ids of streams closed early with `take_cancelled`.
+`RequestQueue.submit` (event loop) admits a request under the bound on waiting requests and returns its
+`OutputStream`; the worker thread `receive`s arrivals, says how many stopped waiting with `left`, `emit`s
+outputs through `channels`, and learns there which streams were closed early (`take_cancelled`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from respserve.engine.generation import GenerationOutput
+
+RequestT = TypeVar("RequestT")
+
+# How long an idle worker waits for a request before it looks at its stop flag again.
+IDLE_POLL_S = 0.5
 
 
 class QueueFull(RuntimeError):
@@ -95,3 +103,47 @@ class RequestChannels:
         # A closed loop means nobody is listening any more.
         with contextlib.suppress(RuntimeError):
             channel.loop.call_soon_threadsafe(channel.outputs.put_nowait, output)
+
+
+class RequestQueue(Generic[RequestT]):
+    """Requests on their way to one worker thread, at most `max_waiting` of them not yet taken up."""
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self.channels = RequestChannels()
+        self._arrivals: queue.SimpleQueue[RequestT] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return self._waiting
+
+    def submit(self, request_id: str, request: RequestT) -> OutputStream:
+        """Called on the event loop; raises QueueFull at the bound."""
+        with self._lock:
+            if self._waiting >= self.max_waiting:
+                raise QueueFull(f"{self._waiting} requests are already waiting")
+            self._waiting += 1
+        stream = self.channels.open(request_id)
+        self._arrivals.put(request)
+        return stream
+
+    def receive(self, block: bool) -> list[RequestT]:
+        """Called on the worker thread: every request that arrived, waiting up to IDLE_POLL_S for one if
+        `block`."""
+        try:
+            first = self._arrivals.get(timeout=IDLE_POLL_S) if block else self._arrivals.get_nowait()
+        except queue.Empty:
+            return []
+        arrived = [first]
+        while True:
+            try:
+                arrived.append(self._arrivals.get_nowait())
+            except queue.Empty:
+                return arrived
+
+    def left(self, count: int) -> None:
+        """Called on the worker thread: `count` received requests stopped waiting (started, dropped, failed)."""
+        with self._lock:
+            self._waiting -= count
