@@ -187,6 +187,9 @@ def test_compatible_requests_share_one_pipeline_call(image_server: RunningServer
         assert slow.result().status_code == 200
         batched = {seed: _pixels(_images(future.result().json())[0]) for seed, future in quick.items()}
     assert worker.batches - calls == 2
+    scraped = ihttp.get("/metrics").text
+    assert f'respserve:image_pipeline_calls{{model="tiny-sd"}} {float(worker.batches)}' in scraped
+    assert 'respserve:image_requests_waiting{model="tiny-flux"} 0.0' in scraped
     for seed, pixels in batched.items():
         assert np.abs(pixels - solo[seed]).max() <= 2
 

@@ -72,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.watch(served.worker)
         for image_model in load_image_models(settings):
             state.models[image_model.name] = image_model
+            metrics.watch_images(image_model.name, image_model.worker)
         logger.info("serving %s; store in %s", ", ".join(state.models), settings.data_dir)
         try:
             yield

@@ -6,6 +6,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from respserve.engine.image_worker import ImageWorker
 from respserve.engine.worker import PipelineWorker
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -42,6 +43,18 @@ class Metrics:
             "respserve:kv_cache_tokens", "Token positions held in the running batch's KV cache.", registry=registry
         )
         self._gpu_memory = Gauge("respserve:gpu_memory_bytes", "GPU memory allocated by the worker.", registry=registry)
+        self._images_running = Gauge(
+            "respserve:image_requests_running", "Image requests in the current pipeline call.", ["model"],
+            registry=registry,
+        )  # fmt: skip
+        self._images_waiting = Gauge(
+            "respserve:image_requests_waiting", "Image requests waiting for a pipeline call.", ["model"],
+            registry=registry,
+        )  # fmt: skip
+        self._image_calls = Gauge(
+            "respserve:image_pipeline_calls", "Pipeline calls made (several batched requests make one).", ["model"],
+            registry=registry,
+        )  # fmt: skip
 
     def watch(self, worker: PipelineWorker) -> None:
         """Gauges read from the worker when scraped."""
@@ -49,6 +62,11 @@ class Metrics:
         self._waiting.set_function(lambda: worker.num_queued)
         self._kv_tokens.set_function(lambda: worker.kv_cache_tokens)
         self._gpu_memory.set_function(lambda: worker.gpu_memory_bytes)
+
+    def watch_images(self, model: str, worker: ImageWorker) -> None:
+        self._images_running.labels(model=model).set_function(lambda: worker.num_running)
+        self._images_waiting.labels(model=model).set_function(lambda: worker.num_queued)
+        self._image_calls.labels(model=model).set_function(lambda: worker.batches)
 
 
 class RequestTimer:
