@@ -8,9 +8,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import torch
 from conftest import RunningServer, free_port, start_server, stop_server, wait_for
 
 from respserve.config import load_settings
+from respserve.engine.generation import ChatMessage, GenerationRequest, SamplingParams
 from respserve.engine.sequence import Sequence
 
 
@@ -141,3 +143,34 @@ def test_a_crashed_worker_fails_its_requests_and_serves_on(
     assert all(result["error"]["code"] == "server_error" for result in results)
     monkeypatch.undo()
     assert worker.alive and http_ok(server)
+
+
+def test_prefill_from_the_cached_chat_prefix_matches_a_full_prefill(server: RunningServer) -> None:
+    pipeline = server.state.default_model.worker.pipeline
+    prefix = pipeline.prefix
+    assert prefix is not None and len(prefix) >= 8  # SmolLM2's template head: system prompt, user turn
+    requests = [
+        GenerationRequest(
+            f"prefix-{n}",
+            pipeline.render_prompt([ChatMessage(role="user", content="Name a colour." + " Quickly!" * n)]),
+            SamplingParams(max_tokens=8, temperature=0),
+        )
+        for n in range(4)
+    ]
+    assert all(prefix.covers(request.prompt_token_ids) for request in requests)
+
+    def prefill() -> torch.Tensor:
+        sequences = [
+            Sequence(request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts)
+            for request in requests
+        ]
+        return pipeline.prefill(sequences)[0]
+
+    cached = prefill()
+    pipeline.prefix = None
+    try:
+        full = prefill()
+    finally:
+        pipeline.prefix = prefix
+    assert torch.allclose(cached, full, atol=1e-3)
+    assert cached.argmax(-1).tolist() == full.argmax(-1).tolist()

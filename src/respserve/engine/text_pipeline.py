@@ -14,6 +14,7 @@ from respserve.engine.generation import ChatMessage, ToolSpec
 from respserve.engine.kv_cache import BatchKVCache, new_cache
 from respserve.engine.model_source import ModelSource
 from respserve.engine.packed_linear import can_pack, pack_linears
+from respserve.engine.prefix_cache import build_prefix_cache
 from respserve.engine.sequence import Sequence
 from respserve.engine.structured_output import GrammarCompiler
 from respserve.engine.token_text import TokenTexts
@@ -49,6 +50,7 @@ class TextPipeline:
         self.eos_token_ids = frozenset(eos_ids)
         self.grammars = GrammarCompiler(tokenizer)
         self.token_texts = TokenTexts(tokenizer)
+        self.prefix = build_prefix_cache(model, tokenizer, device)
 
     @classmethod
     def load(cls, source: ModelSource, device: str = "auto", dtype: str = "auto") -> TextPipeline:
@@ -101,21 +103,24 @@ class TextPipeline:
 
     @torch.inference_mode()
     def prefill(self, sequences: list[Sequence]) -> tuple[torch.Tensor, BatchKVCache]:
-        """Runs the prompts, left-padded to one length, into a fresh cache.
+        """Runs the prompts, left-padded to one length, into a fresh cache (which starts with the shared
+        prefix's KV when every prompt begins with it).
 
         Returns the last position's logits [n, V] and the cache of these n rows.
         """
-        length = max(len(sequence.prompt_token_ids) for sequence in sequences)
+        prefix = self.prefix
+        if prefix is None or not all(prefix.covers(sequence.prompt_token_ids) for sequence in sequences):
+            prefix = None
+        skip = len(prefix) if prefix is not None else 0
+        prompts = [sequence.prompt_token_ids[skip:] for sequence in sequences]
+        length = max(len(prompt) for prompt in prompts)
         pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.tensor(
-            [[pad] * (length - len(s.prompt_token_ids)) + s.prompt_token_ids for s in sequences], device=self.device
-        )
-        mask = torch.tensor(
-            [[0] * (length - len(s.prompt_token_ids)) + [1] * len(s.prompt_token_ids) for s in sequences],
-            device=self.device,
-        )
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        batch = BatchKVCache(new_cache(self.num_layers), mask)
+        input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=self.device)
+        # The padding sits between the shared prefix (if any) and each prompt's own tokens.
+        mask = torch.tensor([[1] * skip + [0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        positions = ((mask.cumsum(dim=1) - 1).clamp(min=0))[:, skip:]
+        cache = prefix.copies(len(sequences)) if prefix is not None else new_cache(self.num_layers)
+        batch = BatchKVCache(cache, mask)
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
