@@ -34,6 +34,7 @@ from respserve.protocol.ids import new_id
 from respserve.protocol.items import FunctionCallItem, MessageStatus, OutputMessage, ReasoningItem
 from respserve.protocol.response import (
     IncompleteDetails,
+    InputTokensDetails,
     OutputTokensDetails,
     ResponseResource,
     Usage,
@@ -227,6 +228,7 @@ class ResponseConverter(ResponseEvents):
         resource.output = list(self._items)
         resource.usage = Usage(
             input_tokens=output.prompt_tokens,
+            input_tokens_details=InputTokensDetails(cached_tokens=output.cached_tokens),
             output_tokens=output.output_tokens,
             output_tokens_details=OutputTokensDetails(reasoning_tokens=self._reasoning_tokens),
             total_tokens=output.prompt_tokens + output.output_tokens,

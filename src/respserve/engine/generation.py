@@ -128,6 +128,7 @@ class GenerationOutput:
     text: str = ""
     final_status: GenerationStatus = GenerationStatus.ACTIVE
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those served from the prefix cache
     output_tokens: int = 0
     error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens behind `text`, when asked for

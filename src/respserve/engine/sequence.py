@@ -33,6 +33,7 @@ class Sequence:
         self._token_texts = token_texts
         self.request = request
         self.output_ids: list[int] = []
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.status = GenerationStatus.ACTIVE
         self.cancelled = False
         self._detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
@@ -106,6 +107,7 @@ class Sequence:
             text=text,
             final_status=self.status,
             prompt_tokens=len(self.prompt_token_ids),
+            cached_tokens=self.cached_tokens,
             output_tokens=len(self.output_ids),
             error=error,
             logprobs=logprobs or [],

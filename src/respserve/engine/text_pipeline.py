@@ -112,6 +112,8 @@ class TextPipeline:
         if prefix is None or not all(prefix.covers(sequence.prompt_token_ids) for sequence in sequences):
             prefix = None
         skip = len(prefix) if prefix is not None else 0
+        for sequence in sequences:
+            sequence.cached_tokens = skip
         prompts = [sequence.prompt_token_ids[skip:] for sequence in sequences]
         length = max(len(prompt) for prompt in prompts)
         pad = self.tokenizer.pad_token_id or 0

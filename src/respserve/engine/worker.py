@@ -107,11 +107,11 @@ class PipelineWorker:
             self._decode_step()
 
     def _restart(self, exc: Exception) -> None:
-        """Fails every request in flight (running or waiting) and resets the batch."""
-        for sequence in self._running:
-            self._fail(sequence, exc)
-        for request in self._waiting:
-            self._emit(GenerationOutput(request.request_id, final_status=GenerationStatus.FAILED, error=str(exc)))
+        """Fails every request in flight (running or waiting) and resets the batch. Built from request ids
+        alone: whatever broke may have broken the sequences too."""
+        failed = [sequence.request_id for sequence in self._running] + [r.request_id for r in self._waiting]
+        for request_id in failed:
+            self._emit(GenerationOutput(request_id, final_status=GenerationStatus.FAILED, error=str(exc)))
         self._queue.left(len(self._waiting))
         self._running, self._waiting = [], deque()
         self._batch = empty_batch(self.pipeline.num_layers, self.pipeline.device)
