@@ -256,6 +256,12 @@ def test_image_generation_tool_on_a_text_model(image_server: RunningServer) -> N
     assert image.format == "WEBP" and image.size == (32, 48)
 
 
+def test_required_tool_choice_with_only_the_image_tool_makes_an_image(ihttp: httpx.Client) -> None:
+    body = {"model": TEXT_MODEL, "input": "a cat", "tools": [{"type": "image_generation"}], "tool_choice": "required"}
+    (call,) = ihttp.post("/v1/responses", json=body).json()["output"]
+    assert call["type"] == "image_generation_call" and call["status"] == "completed"
+
+
 def test_image_generation_tool_streams_openai_events(ihttp: httpx.Client, schema: OpenResponsesSchema) -> None:
     body = {
         "model": TEXT_MODEL,

@@ -66,15 +66,19 @@ def plan_image(body: CreateResponseRequest, served: ServedImageModel, state: App
 
 
 def forced_image_tool(body: CreateResponseRequest) -> ImageGenerationTool | None:
-    """The `image_generation` tool, when `tool_choice` forces it; None otherwise."""
+    """The `image_generation` tool, when `tool_choice` forces it (by type, or `required` with no other tool
+    to call); None otherwise."""
+    tools = body.tools or []
+    image_tools = [tool for tool in tools if isinstance(tool, ImageGenerationTool)]
+    if body.tool_choice == "required" and image_tools and len(image_tools) == len(tools):
+        return image_tools[0]
     if not isinstance(body.tool_choice, HostedToolChoice):
         return None
-    for tool in body.tools or []:
-        if isinstance(tool, ImageGenerationTool):
-            return tool
-    raise InvalidRequestError(
-        "tool_choice forces 'image_generation', which is not in 'tools'.", param="tool_choice.type"
-    )
+    if not image_tools:
+        raise InvalidRequestError(
+            "tool_choice forces 'image_generation', which is not in 'tools'.", param="tool_choice.type"
+        )
+    return image_tools[0]
 
 
 def tool_image_model(tool: ImageGenerationTool, state: AppState) -> ServedImageModel:
