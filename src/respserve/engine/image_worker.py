@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from PIL import Image
 from respserve.engine.generation import EncodedImage, GenerationOutput, GenerationStatus, ImageRequest
 from respserve.engine.image_encoding import encode_image
 from respserve.engine.image_pipeline import ImagePipeline
-from respserve.engine.request_queue import OutputStream, RequestQueue
+from respserve.engine.worker_thread import WorkerThread
 
 logger = logging.getLogger(__name__)
 
@@ -42,42 +41,21 @@ def preview_steps(steps: int, partial_images: int) -> list[int]:
     return [mark for mark in marks if 0 < mark < steps]
 
 
-class ImageWorker:
+class ImageWorker(WorkerThread[ImageRequest]):
     def __init__(self, pipeline: ImagePipeline, limits: ImageWorkerLimits | None = None) -> None:
-        self.pipeline = pipeline
         self.limits = limits or ImageWorkerLimits()
-        self._queue: RequestQueue[ImageRequest] = RequestQueue(self.limits.max_queued)
+        super().__init__("respserve-image-worker", self.limits.max_queued)
+        self.pipeline = pipeline
         self._waiting: deque[ImageRequest] = deque()
         self._cancelled: set[str] = set()
         self._running = 0
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="respserve-image-worker", daemon=True)
         self._stream = torch.cuda.Stream(pipeline.device) if pipeline.device.type == "cuda" else None
         self.batches = 0  # pipeline calls made; a call of several requests is one
 
     # ---- event-loop side -------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stopping.set()
-        self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping.is_set()
-
     @property
     def num_running(self) -> int:
         return self._running
-
-    @property
-    def num_queued(self) -> int:
-        return self._queue.num_waiting
-
-    def submit(self, request: ImageRequest) -> OutputStream:
-        """Queues a request; its previews and images arrive on the returned stream."""
-        return self._queue.submit(request.request_id, request)
 
     # ---- worker-thread side ----------------------------------------------------------------------------
     def _run(self) -> None:

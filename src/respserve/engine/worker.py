@@ -21,7 +21,6 @@ serialisation.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,10 +29,10 @@ import torch
 
 from respserve.engine.generation import GenerationOutput, GenerationRequest, GenerationStatus
 from respserve.engine.kv_cache import BatchKVCache, empty_batch
-from respserve.engine.request_queue import OutputStream, RequestQueue
 from respserve.engine.sampler import Sample, Sampler
 from respserve.engine.sequence import Sequence
 from respserve.engine.text_pipeline import TextPipeline
+from respserve.engine.worker_thread import WorkerThread
 
 logger = logging.getLogger(__name__)
 
@@ -45,38 +44,21 @@ class WorkerLimits:
     max_prefill_tokens: int = 4096  # padded prompt tokens in one prefill pass (at least one prompt)
 
 
-class PipelineWorker:
+class PipelineWorker(WorkerThread[GenerationRequest]):
     def __init__(self, pipeline: TextPipeline, limits: WorkerLimits | None = None) -> None:
-        self.pipeline = pipeline
         self.limits = limits or WorkerLimits()
+        super().__init__("respserve-worker", self.limits.max_queued)
+        self.pipeline = pipeline
         self._sampler = Sampler(pipeline.grammars)
-        self._queue: RequestQueue[GenerationRequest] = RequestQueue(self.limits.max_queued)
         self._waiting: deque[GenerationRequest] = deque()
         self._running: list[Sequence] = []
         self._batch: BatchKVCache = empty_batch(pipeline.num_layers, pipeline.device)
-        self._stopping = threading.Event()
         self.restarts = 0
-        self._thread = threading.Thread(target=self._run, name="respserve-worker", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stopping.set()
-        self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping.is_set()
-
     @property
     def num_running(self) -> int:
         return len(self._running)
-
-    @property
-    def num_queued(self) -> int:
-        return self._queue.num_waiting
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -86,10 +68,6 @@ class PipelineWorker:
     def gpu_memory_bytes(self) -> int:
         device = self.pipeline.device
         return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-
-    def submit(self, request: GenerationRequest) -> OutputStream:
-        """Queues a request; its outputs arrive on the returned stream. Raises QueueFull at the bound."""
-        return self._queue.submit(request.request_id, request)
 
     # ---- worker-thread side ----------------------------------------------------------------------------
     def _run(self) -> None:
