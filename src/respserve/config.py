@@ -39,14 +39,18 @@ class ImageModelSpec:
     path: str
 
 
+def image_model_spec(path: str, name: str | None = None) -> ImageModelSpec:
+    """The model at `path`, named `name` or, without one, after its folder."""
+    name = Path(path).name if name is None else name
+    if not name or not path:
+        raise ValueError(f"image model {path!r}: expected PATH or ID=PATH")
+    return ImageModelSpec(id=name, path=path)
+
+
 def parse_image_model(spec: str) -> ImageModelSpec:
     """`ID=PATH` names the model; a bare `PATH` is named after its folder."""
     name, separator, path = spec.partition("=")
-    if not separator:
-        name, path = Path(spec.rstrip("/")).name, spec
-    if not name or not path:
-        raise ValueError(f"image model {spec!r}: expected PATH or ID=PATH")
-    return ImageModelSpec(id=name, path=path)
+    return image_model_spec(path, name) if separator else image_model_spec(spec)
 
 
 class Settings(BaseSettings):
@@ -121,7 +125,7 @@ class Settings(BaseSettings):
     @property
     def image_model_specs(self) -> list[ImageModelSpec]:
         specs = [parse_image_model(spec) for spec in self.image_models]
-        specs += [ImageModelSpec(id=entry.id or Path(entry.path).name, path=entry.path) for entry in self.models]
+        specs += [image_model_spec(entry.path, entry.id or None) for entry in self.models]
         return specs
 
     # Set by the CLI or RESPSERVE_CONFIG; read before the other sources (see settings_customise_sources).

@@ -9,7 +9,6 @@ from respserve.engine.generation import ImageRequest
 from respserve.engine.image_pipeline import ImagePipeline
 from respserve.protocol.content import InputText
 from respserve.protocol.ids import new_id
-from respserve.protocol.image_options import ImageOptions
 from respserve.protocol.items import InputMessage
 from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.text_format import TextFormat
@@ -41,7 +40,7 @@ def plan_image(body: CreateResponseRequest, served: ServedImageModel, state: App
         raise InvalidRequestError(f"The image model '{served.name}' does not call tools.", param="tools")
     if body.text is not None and not isinstance(body.text.format, TextFormat):
         raise InvalidRequestError(f"The image model '{served.name}' only makes images.", param="text.format")
-    options = (body.provider_options.image if body.provider_options else None) or ImageOptions()
+    options = body.image_options
     pipeline = served.worker.pipeline
     if options.negative_prompt is not None and not pipeline.accepts_negative_prompt:
         raise InvalidRequestError(

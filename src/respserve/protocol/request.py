@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from respserve.protocol.content import WireModel
-from respserve.protocol.image_options import ProviderOptions
+from respserve.protocol.image_options import ImageOptions, ProviderOptions
 from respserve.protocol.items import InputItem
 from respserve.protocol.text_format import TextConfig
 from respserve.protocol.tools import Tool, ToolChoice
@@ -104,6 +104,11 @@ class CreateResponseRequest(WireModel):
     @property
     def conversation_id(self) -> str | None:
         return self.conversation.id if isinstance(self.conversation, ConversationRef) else self.conversation
+
+    @property
+    def image_options(self) -> ImageOptions:
+        """`provider_options.image`, with its defaults when absent."""
+        return (self.provider_options.image if self.provider_options else None) or ImageOptions()
 
     @property
     def stop_sequences(self) -> list[str]:

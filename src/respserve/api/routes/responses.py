@@ -114,8 +114,7 @@ async def _plan(
     image model; otherwise the text model generates."""
     if isinstance(served, ServedImageModel):
         request = plan_image(body, served, state)
-        options = body.provider_options.image if body.provider_options else None
-        if options is None or options.response_format == "b64_json":
+        if body.image_options.response_format == "b64_json":
             return _Work(served.worker, request, ImageMessageConverter(resource))
         image_ids = tuple(new_id("img") for _ in range(request.num_images))
         urls = [f"{base_url}v1/images/{image_id}/content" for image_id in image_ids]
