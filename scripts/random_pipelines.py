@@ -151,6 +151,21 @@ def _sd_scheduler() -> DPMSolverMultistepScheduler:
     )
 
 
+def _sd_pipeline(
+    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel
+) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def _save(pipe: object, folder: Path) -> Path:
     for module in pipe.components.values():  # type: ignore[attr-defined]
         if isinstance(module, torch.nn.Module):
@@ -183,17 +198,7 @@ def build_sd(folder: Path) -> Path:
     )
     vae = _tiny_vae(latent_channels=4, scaling_factor=0.18215)
     text_encoder = CLIPTextModel(_clip_config(hidden=32, layers=2, heads=4, intermediate=64, projection=32))
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=_sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return _save(pipe, folder)
+    return _save(_sd_pipeline(unet, vae, text_encoder), folder)
 
 
 def build_flux(folder: Path) -> Path:
@@ -323,16 +328,7 @@ def build_sd_large(folder: Path) -> Path:
     config = _clip_config(hidden=768, layers=12, heads=12, intermediate=3072, projection=768)
     config.vocab_size = 49408
     text_encoder = CLIPTextModel(config)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=_sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = _sd_pipeline(unet, vae, text_encoder)
     for module in (unet, vae, text_encoder):
         module.half()  # not .to(float16), which makes diffusers warn about (no) modules kept in float32
     return _save(pipe, folder)
