@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,48 @@ def prompt_tokens(server: RunningServer, messages: list[dict[str, str]]) -> int:
     """How many tokens the served model's chat template makes of `messages`: what `usage` must count."""
     tokenizer = server.state.default_model.worker.pipeline.tokenizer
     return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def ban(token_ids: Iterable[int]) -> dict[str, float]:
+    """A `logit_bias` under which none of `token_ids` is ever sampled."""
+    return {str(token): -100 for token in token_ids}
+
+
+def never_ends(server: RunningServer) -> dict[str, float]:
+    """A `logit_bias` that bans every token the served model ends on. Greedy float32 text differs between
+    CPUs (AVX2 vs AVX-512), so a test that needs a reply to run long forces it: with this bias the reply
+    runs to `max_output_tokens` on any machine."""
+    return ban(server.state.default_model.worker.pipeline.eos_token_ids)
+
+
+def tokens_containing(server: RunningServer, characters: str) -> list[int]:
+    """Every token of the served model whose text holds one of `characters`."""
+    tokenizer = server.state.default_model.worker.pipeline.tokenizer
+    return [token for token in range(len(tokenizer)) if any(c in tokenizer.decode([token]) for c in characters)]
+
+
+def long_job(server: RunningServer, max_output_tokens: int = 2000, **body: Any) -> dict[str, Any]:
+    """A request body whose generation surely lasts `max_output_tokens` tokens (about 50 ms each here)."""
+    return {
+        "input": "Count from one to one thousand.",
+        "temperature": 0,
+        "max_output_tokens": max_output_tokens,
+        "logit_bias": never_ends(server),
+        **body,
+    }
+
+
+def sdk_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` as keyword arguments of the openai SDK: the fields it does not name go in `extra_body`."""
+    extra = {key: body[key] for key in ("logit_bias", "seed", "stop", "top_k") if key in body}
+    return {**{key: value for key, value in body.items() if key not in extra}, "extra_body": extra}
+
+
+def fixed_reply(text: str) -> dict[str, Any]:
+    """A `text.format` under which constrained decoding can write only the JSON string `text`: a reply of
+    known content and length, ending by itself, on any CPU."""
+    schema = {"type": "string", "enum": [text]}
+    return {"format": {"type": "json_schema", "name": "fixed", "schema": schema, "strict": True}}
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:

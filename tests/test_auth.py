@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from conftest import RunningServer, free_port, start_server, stop_server
+from conftest import RunningServer, free_port, long_job, sdk_kwargs, start_server, stop_server
 
 from respserve.config import load_settings
 
@@ -48,14 +48,12 @@ def test_v1_needs_a_valid_key_and_health_does_not(keyed_server: RunningServer) -
     assert _client(keyed_server, "key-alice").models.list().data
 
 
-def test_stored_objects_belong_to_their_key(keyed_server: RunningServer) -> None:
+def test_stored_objects_belong_to_their_key(keyed_server: RunningServer, server: RunningServer) -> None:
     alice, bob = _client(keyed_server, "key-alice"), _client(keyed_server, "key-bob")
     model = keyed_server.model
     response = alice.responses.create(model=model, input="Hi", max_output_tokens=16)
     conversation = alice.conversations.create(items=[{"role": "user", "content": "secret"}])
-    background = alice.responses.create(
-        model=model, input="Count from one to one thousand.", background=True, max_output_tokens=2000, temperature=0
-    )
+    background = alice.responses.create(model=model, background=True, **sdk_kwargs(long_job(server)))
 
     assert alice.responses.retrieve(response.id).id == response.id
     for attempt in (

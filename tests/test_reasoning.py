@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import OpenResponsesSchema, RunningServer, free_port, start_server, stop_server, stream_events
+from conftest import OpenResponsesSchema, RunningServer, ban, free_port, start_server, stop_server, stream_events
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from respserve.api.converter import ResponseConverter
@@ -106,9 +106,16 @@ def test_converter_builds_a_reasoning_item(thinking_model: Path, schema: OpenRes
     assert types.index("response.reasoning_text.done") < types.index("response.output_text.delta")
 
 
-def test_tiny_qwen3_streams_reasoning_end_to_end(thinking_server: RunningServer, schema: OpenResponsesSchema) -> None:
+def test_tiny_qwen3_streams_reasoning_end_to_end(
+    thinking_model: Path, thinking_server: RunningServer, schema: OpenResponsesSchema
+) -> None:
+    # Random weights pick tokens near ties, differently on each CPU: ending or closing the thoughts is banned,
+    # so all 24 tokens are reasoning everywhere.
+    tokenizer = AutoTokenizer.from_pretrained(thinking_model)
+    never_closes = ban([tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</think>")])
     with httpx.Client(base_url=thinking_server.base_url, timeout=120) as http:
         body = {"input": "What is 2+2?", "max_output_tokens": 24, "temperature": 0, "reasoning": {"effort": "low"}}
+        body["logit_bias"] = never_closes
         events, _ = stream_events(http, body)
         for event in events:
             schema.event(event)
@@ -118,7 +125,6 @@ def test_tiny_qwen3_streams_reasoning_end_to_end(thinking_server: RunningServer,
         assert first_item["type"] == "reasoning"
         deltas = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
         assert deltas and first_item["content"][0]["text"] == deltas
-        # The random model rarely closes its thoughts: what it wrote is reasoning, counted as such.
-        assert final["usage"]["output_tokens_details"]["reasoning_tokens"] > 0
+        assert final["usage"]["output_tokens_details"]["reasoning_tokens"] == 24
         stored = http.get(f"/v1/responses/{final['id']}").json()
         schema.response(stored)

@@ -4,30 +4,26 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
-from conftest import free_port, spawn_server, start_server, stop_server
+from conftest import RunningServer, free_port, long_job, spawn_server, start_server, stop_server, wait_for
 
 from respserve.config import load_settings
-
-# Greedy, this prompt runs to the token limit: the job is surely still running when the server goes.
-LONG = {"input": "Count from one to one thousand.", "max_output_tokens": 2000, "temperature": 0, "background": True}
 
 
 def _start(data_dir: Path):
     return start_server(load_settings(port=free_port(), data_dir=str(data_dir)))
 
 
-def test_graceful_restart_keeps_everything_and_fails_unfinished_jobs(tmp_path: Path) -> None:
+def test_graceful_restart_keeps_everything_and_fails_unfinished_jobs(tmp_path: Path, server: RunningServer) -> None:
     uv_server, thread, running = _start(tmp_path)
     with httpx.Client(base_url=running.base_url, timeout=120) as client:
         created = client.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 16}).json()
         conversation = client.post(
             "/v1/conversations", json={"items": [{"role": "user", "content": "hello"}], "metadata": {"a": "1"}}
         ).json()
-        background = client.post("/v1/responses", json=LONG).json()
+        background = client.post("/v1/responses", json=long_job(server, background=True)).json()
         assert background["status"] == "queued"
     stop_server(uv_server, thread)
 
@@ -46,12 +42,14 @@ def test_graceful_restart_keeps_everything_and_fails_unfinished_jobs(tmp_path: P
         stop_server(uv_server, thread)
 
 
-def test_killed_server_leaves_no_job_in_progress(tmp_path: Path) -> None:
+def test_killed_server_leaves_no_job_in_progress(tmp_path: Path, server: RunningServer) -> None:
     port = free_port()
     process = spawn_server(port, tmp_path)
     try:
-        background = httpx.post(f"http://127.0.0.1:{port}/v1/responses", json=LONG, timeout=60).json()
-        time.sleep(1.0)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            background = client.post("/v1/responses", json=long_job(server, background=True)).json()
+            # Killed mid-generation: 2,000 tokens take minutes, and the job has begun.
+            assert wait_for(lambda: client.get(f"/v1/responses/{background['id']}").json()["status"] == "in_progress")
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait(30)

@@ -2,34 +2,39 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
-from conftest import free_port, spawn_server
+from conftest import RunningServer, free_port, long_job, spawn_server
 
 
-def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
+def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path, server: RunningServer) -> None:
     port = free_port()
     process = spawn_server(port, tmp_path)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        result: dict = {}
+        generating = threading.Event()
+        events: list[dict] = []
 
         def long_request() -> None:
-            body = {"input": "Count from one to fifty.", "max_output_tokens": 48, "temperature": 0}
-            result["response"] = httpx.post(f"{base_url}/v1/responses", json=body, timeout=120)
+            body = long_job(server, max_output_tokens=48, stream=True)
+            with httpx.stream("POST", f"{base_url}/v1/responses", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        events.append(json.loads(line[len("data: ") :]))
+                        if events[-1]["type"] == "response.output_text.delta":
+                            generating.set()
 
         thread = threading.Thread(target=long_request)
         thread.start()
-        time.sleep(1.0)  # the request is generating
+        assert generating.wait(60), "the request never started generating"
         process.send_signal(signal.SIGTERM)
         thread.join(120)
-        response = result["response"]
-        assert response.status_code == 200
-        assert response.json()["status"] in ("completed", "incomplete")
+        assert events[-1]["type"] == "response.incomplete"
+        assert events[-1]["response"]["usage"]["output_tokens"] == 48
         # uvicorn re-raises the signal once its graceful shutdown is done.
         assert process.wait(60) in (0, -signal.SIGTERM)
         try:

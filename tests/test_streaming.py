@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import openai
-from conftest import OpenResponsesSchema, RunningServer, stream_events
+from conftest import OpenResponsesSchema, RunningServer, fixed_reply, never_ends, stream_events
 
 TEXT_EVENTS = [
     "response.created",
@@ -19,9 +19,9 @@ CLOSING_EVENTS = [
 
 
 def test_event_sequence_framing_and_schema(http, schema: OpenResponsesSchema) -> None:
-    events, frames = stream_events(
-        http, {"input": "What is the capital of France?", "temperature": 0, "max_output_tokens": 64}
-    )
+    # A reply fixed by constrained decoding: it ends by itself, after several deltas, on any CPU.
+    body = {"input": "What is the capital of France?", "text": fixed_reply("Paris is the capital of France.")}
+    events, frames = stream_events(http, body)
     types = [event["type"] for event in events]
     assert types[:4] == TEXT_EVENTS
     assert types[-4:] == [*CLOSING_EVENTS, "response.completed"]
@@ -39,13 +39,17 @@ def test_event_sequence_framing_and_schema(http, schema: OpenResponsesSchema) ->
     final = events[-1]["response"]
     assert final["status"] == "completed"
     assert final["output"][0]["content"][0]["text"] == deltas == events[-4]["text"]
-    assert "Paris" in deltas
+    assert deltas == '"Paris is the capital of France."'
+    assert len(set(types[4:-4])) == 1 and types.count("response.output_text.delta") > 1
     item_id = events[2]["item"]["id"]
     assert all(event["item_id"] == item_id for event in events[3:-2])
 
 
-def test_incomplete_stream_ends_with_response_incomplete(http, schema: OpenResponsesSchema) -> None:
-    events, _ = stream_events(http, {"input": "Write a poem.", "max_output_tokens": 16, "temperature": 0})
+def test_incomplete_stream_ends_with_response_incomplete(
+    http, server: RunningServer, schema: OpenResponsesSchema
+) -> None:
+    body = {"input": "Write a poem.", "max_output_tokens": 16, "temperature": 0, "logit_bias": never_ends(server)}
+    events, _ = stream_events(http, body)
     assert events[-1]["type"] == "response.incomplete"
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert events[-2]["item"]["status"] == "incomplete"
@@ -54,22 +58,19 @@ def test_incomplete_stream_ends_with_response_incomplete(http, schema: OpenRespo
 
 
 def test_utf8_deltas_are_whole_characters(http) -> None:
-    # Sampling at a high temperature over many tokens makes the model emit multi-byte characters.
-    prompt = "Réponds en chinois et avec des emojis: 你好，世界 🌍🚀 — café, naïve, 東京."
-    seen_multibyte = False
-    for seed in range(3):
-        body = {"input": prompt, "temperature": 1.3, "seed": seed, "max_output_tokens": 96}
-        events, _ = stream_events(http, body)
-        deltas = [event["delta"] for event in events if event["type"] == "response.output_text.delta"]
-        assert all("\ufffd" not in delta for delta in deltas)
-        final = events[-1]["response"]["output"][0]["content"][0]["text"]
-        assert "".join(deltas) == final
-        seen_multibyte |= any(len(delta.encode()) > len(delta) for delta in deltas)
-    assert seen_multibyte
+    # Constrained decoding writes this text; the tokenizer splits each CJK character and emoji into byte
+    # tokens, and no delta may carry half a character.
+    text = "你好，世界 🌍🚀 — café, naïve, 東京."
+    events, _ = stream_events(http, {"input": "Say hello.", "text": fixed_reply(text)})
+    deltas = [event["delta"] for event in events if event["type"] == "response.output_text.delta"]
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "".join(deltas) == events[-1]["response"]["output"][0]["content"][0]["text"] == f'"{text}"'
+    assert sum(len(delta.encode()) > len(delta) for delta in deltas) > 3
 
 
 def test_sdk_streaming_both_ways(client: openai.OpenAI, server: RunningServer) -> None:
     kwargs = {"model": server.model, "input": "What is the capital of France?", "temperature": 0}
+    kwargs["text"] = fixed_reply("Paris.")
     streamed = list(client.responses.create(stream=True, **kwargs))
     assert streamed[-1].type == "response.completed"
     with client.responses.stream(**kwargs) as stream:

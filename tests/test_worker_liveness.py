@@ -6,13 +6,23 @@ import threading
 import time
 
 import httpx
-from conftest import RunningServer, wait_for
+from conftest import RunningServer, long_job, wait_for
 
 
-def test_health_answers_fast_during_a_long_generation(http, server: RunningServer) -> None:
+def test_health_answers_fast_during_a_long_generation(server: RunningServer) -> None:
     worker = server.state.default_model.worker
-    body = {"input": "Write a very long essay about the sea.", "max_output_tokens": 400, "temperature": 0}
-    thread = threading.Thread(target=lambda: http.post("/v1/responses", json=body), daemon=True)
+    done_probing = threading.Event()
+
+    def generate() -> None:  # streams until the probes are done, then hangs up (which stops the generation)
+        with (
+            httpx.Client(base_url=server.base_url, timeout=60) as client,
+            client.stream("POST", "/v1/responses", json=long_job(server, stream=True)) as response,
+        ):
+            for _ in response.iter_lines():
+                if done_probing.is_set():
+                    return
+
+    thread = threading.Thread(target=generate, daemon=True)
     thread.start()
     assert wait_for(lambda: worker.num_running == 1)
     latencies = []
@@ -23,18 +33,15 @@ def test_health_answers_fast_during_a_long_generation(http, server: RunningServe
             latencies.append(time.perf_counter() - started)
             time.sleep(0.02)
     assert worker.num_running == 1, "the generation should still be running while we probed"
-    thread.join(120)
+    done_probing.set()
+    thread.join(60)
+    assert wait_for(lambda: worker.num_running == 0, timeout=10)
     assert max(latencies) < 0.05, latencies
 
 
 def test_client_disconnect_stops_generation(server: RunningServer) -> None:
     worker = server.state.default_model.worker
-    body = {
-        "input": "Count from one to one thousand.",
-        "max_output_tokens": 2000,
-        "temperature": 0,
-        "stream": True,
-    }
+    body = long_job(server, stream=True)
     with (
         httpx.Client(base_url=server.base_url, timeout=60) as client,
         client.stream("POST", "/v1/responses", json=body) as response,
@@ -52,7 +59,7 @@ def test_client_disconnect_stops_generation(server: RunningServer) -> None:
 
 def test_non_streaming_client_that_gives_up_stops_generation(server: RunningServer) -> None:
     worker = server.state.default_model.worker
-    body = {"input": "Count from one to one thousand.", "max_output_tokens": 2000, "temperature": 0}
+    body = long_job(server)
     with httpx.Client(base_url=server.base_url, timeout=1.0) as client:
         try:
             client.post("/v1/responses", json=body)

@@ -57,7 +57,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         settings = load_settings(**args)
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
+        )
 
 
 if __name__ == "__main__":

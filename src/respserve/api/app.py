@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from sse_starlette.sse import AppStatus
 
 from respserve import __version__
 from respserve.api.background import BackgroundJobs
@@ -82,6 +83,9 @@ def create_app(settings: Settings) -> FastAPI:
                 model.worker.stop()
             store.close()
 
+    # sse-starlette ends every open stream the moment SIGTERM arrives; a graceful shutdown lets them finish,
+    # and uvicorn's `timeout_graceful_shutdown` (--shutdown-grace) bounds how long that may take.
+    AppStatus.disable_automatic_graceful_drain()
     app = FastAPI(title="respserve", version=__version__, lifespan=lifespan)
     app.state.respserve = state
     install_error_handlers(app)

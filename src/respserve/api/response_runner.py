@@ -68,7 +68,11 @@ class ResponseRunner:
     async def events(self) -> AsyncIterator[StreamEvent]:
         try:
             async with aclosing(self._outputs):
-                for event in await self._recorded(self.converter.start()):
+                was_queued = self.converter.resource.status == "queued"
+                started = await self._recorded(self.converter.start())
+                if was_queued:  # a background job: whoever polls it now sees it in progress
+                    await asyncio.to_thread(self._save_resource)
+                for event in started:
                     yield event
                 async for output in self._outputs:
                     if output.images:
@@ -112,16 +116,20 @@ class ResponseRunner:
             await asyncio.to_thread(persistence.store.append_events, self.response_id, rows)
         return events
 
+    def _save_resource(self) -> None:
+        persistence = self._persistence
+        if persistence and persistence.save_response:
+            persistence.store.save_response(self.converter.resource.to_wire(), None, persistence.owner)
+
     def _save_final(self) -> None:
         persistence = self._persistence
         if persistence is None:
             return
-        resource = self.converter.resource.to_wire()
-        if persistence.save_response:
-            persistence.store.save_response(resource, None, persistence.owner)
+        self._save_resource()
         if persistence.conversation_id:
+            output = self.converter.resource.to_wire()["output"]
             persistence.store.add_conversation_items(
-                persistence.conversation_id, persistence.input_items + resource["output"], persistence.owner
+                persistence.conversation_id, persistence.input_items + output, persistence.owner
             )
 
     def _mark_interrupted(self) -> None:
@@ -133,6 +141,4 @@ class ResponseRunner:
             resource.error = ResponseError(
                 code="server_error", message="The server shut down before this response finished."
             )
-        persistence = self._persistence
-        if persistence and persistence.save_response:
-            persistence.store.save_response(resource.to_wire(), None, persistence.owner)
+        self._save_resource()
