@@ -12,7 +12,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
+import llguidance.numpy
 import torch
 
 # One fixed layout, as json.dumps writes it: flexible whitespace lets small models emit newlines forever.
@@ -62,12 +62,13 @@ def apply_grammar_masks(
     rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
     if not rows:
         return logits
-    bitmask = llguidance.torch.allocate_token_bitmask(len(rows), tokenizer_vocab)
+    # llguidance's numpy helpers, not its torch ones: llguidance.torch applies torch.compile when imported
+    # (1.5 s of start-up) and again on first use (seconds, a C++ compiler).
+    bitmask = llguidance.numpy.allocate_token_bitmask(len(rows), tokenizer_vocab)
     for index, row in enumerate(rows):
-        llguidance.torch.fill_next_token_bitmask(matchers[row], bitmask, index)
+        llguidance.numpy.fill_next_token_bitmask(matchers[row], bitmask, index)
     logits = logits.clone()  # the unmasked logits still serve for logprobs
-    # Unpacked in eager torch: llguidance's own helper torch.compiles on first use (seconds, a C++ compiler).
-    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    bits = (torch.from_numpy(bitmask).unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
     allowed = bits.reshape(len(rows), -1).bool().to(logits.device)
     width = min(allowed.shape[1], logits.shape[1])
     forbidden = torch.ones(len(rows), logits.shape[1], dtype=torch.bool, device=logits.device)
