@@ -190,7 +190,7 @@ class OpenResponsesSchema:
     def _add_image_extensions(self, openai_spec: dict[str, Any]) -> None:
         """Images are beyond Open Responses: add Modular MAX's `output_image` part (as docs/RESPONSES_API.md
         gives it), our preview event, and OpenAI's `image_generation` tool, its `tool_choice`, and its
-        `image_generation_call` item and events (from OpenAI's spec)."""
+        `image_generation_call` item and events (from OpenAI's spec); and the rest of OpenAI's tool types."""
         schemas = self._components["schemas"]
         schemas["OutputImageContent"] = {
             "type": "object",
@@ -221,7 +221,12 @@ class OpenResponsesSchema:
             return {"$ref": f"#/components/schemas/{name}"}
 
         schemas["ItemField"]["oneOf"].append(take("ImageGenToolCall"))
-        schemas["Tool"] = {"oneOf": [{"$ref": "#/components/schemas/FunctionTool"}, take("ImageGenTool")]}
+        # Every member of OpenAI's `Tool` union is accepted and echoed (most are not offered to the model).
+        openai_tools = [ref["$ref"].rsplit("/", 1)[1] for ref in openai_schemas["Tool"]["oneOf"]]
+        schemas["Tool"] = {
+            "oneOf": [{"$ref": "#/components/schemas/FunctionTool"}]
+            + [take(name) for name in openai_tools if name != "FunctionTool"]
+        }
         # OpenAI lists its own models' sizes; a served model has its own ("WIDTHxHEIGHT").
         schemas["ImageGenTool"]["properties"]["size"] = {"type": "string", "pattern": "^(auto|[0-9]+x[0-9]+)$"}
         schemas["ResponseResource"]["properties"]["tool_choice"]["oneOf"].append(take("ToolChoiceTypes"))

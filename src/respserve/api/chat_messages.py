@@ -16,6 +16,7 @@ from respserve.protocol.items import (
     ReasoningInput,
 )
 from respserve.protocol.request import CreateResponseRequest
+from respserve.protocol.tools import qualified_name
 
 # Earlier thoughts (chat templates drop them) and generated images (a text model cannot read them).
 _LEFT_OUT = (ReasoningInput, ImageGenerationCall)
@@ -56,7 +57,8 @@ def _append(messages: list[ChatMessage], message: ChatMessage) -> None:
 
 def _message(item: InputItem, param: str, model: str, accepts_images: bool) -> ChatMessage:
     if isinstance(item, FunctionCallInput):
-        call = ToolCallTurn(call_id=item.call_id, name=item.name, arguments=item.arguments)
+        name = qualified_name(item.namespace, item.name)
+        call = ToolCallTurn(call_id=item.call_id, name=name, arguments=item.arguments)
         return ChatMessage(role="assistant", content="", tool_calls=(call,))
     if isinstance(item, FunctionCallOutputInput):
         output = item.output if isinstance(item.output, str) else _text(item.output, param, model, accepts_images)

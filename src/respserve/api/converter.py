@@ -58,11 +58,16 @@ class ResponseConverter(ResponseEvents):
     """
 
     def __init__(
-        self, resource: ResponseResource, parser: OutputParser | None = None, max_tool_calls: int | None = None
+        self,
+        resource: ResponseResource,
+        parser: OutputParser | None = None,
+        max_tool_calls: int | None = None,
+        namespaced: dict[str, tuple[str, str]] | None = None,
     ) -> None:
         super().__init__(resource)
         self._parser = parser or OutputParser()
         self._max_tool_calls = max_tool_calls
+        self._namespaced = namespaced or {}  # the prompt's `namespace.name` -> (namespace, name)
         self._items: list[OutputMessage | FunctionCallItem] = []
         self._message: OutputMessage | None = None
         self._text: list[str] = []
@@ -191,8 +196,9 @@ class ResponseConverter(ResponseEvents):
         calls = sum(isinstance(item, FunctionCallItem) for item in self._items)
         if self._max_tool_calls is not None and calls >= self._max_tool_calls:
             return events
+        namespace, name = self._namespaced.get(name, (None, name))
         self._call = FunctionCallItem(
-            id=new_id("fc"), call_id=new_id("call"), name=name, arguments="", status="in_progress"
+            id=new_id("fc"), call_id=new_id("call"), namespace=namespace, name=name, arguments="", status="in_progress"
         )
         self._items.append(self._call)
         self._arguments = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag
+from pydantic import BaseModel, Discriminator, Field, SerializerFunctionWrapHandler, Tag, model_serializer
 
 from respserve.protocol.content import AssistantContent, InputContent, OutputContent, ReasoningText, WireModel
 
@@ -37,6 +37,7 @@ class FunctionCallInput(WireModel):
     type: Literal["function_call"] = "function_call"
     id: str | None = None
     call_id: str
+    namespace: str | None = None
     name: str
     arguments: str
     status: Literal["in_progress", "completed", "incomplete"] | None = None
@@ -108,9 +109,17 @@ class FunctionCallItem(BaseModel):
     type: Literal["function_call"] = "function_call"
     id: str
     call_id: str
+    namespace: str | None = None  # set for a function of a `namespace` tool; absent from the wire otherwise
     name: str
     arguments: str
     status: MessageStatus
+
+    @model_serializer(mode="wrap")
+    def _namespace_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("namespace") is None:
+            data.pop("namespace", None)
+        return data
 
 
 class ReasoningItem(BaseModel):

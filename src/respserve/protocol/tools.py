@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from respserve.protocol.content import WireModel
 
@@ -35,7 +35,59 @@ class ImageGenerationTool(WireModel):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
-Tool = Annotated[FunctionTool | ImageGenerationTool, Field(discriminator="type")]
+UnservedToolType = Literal[
+    "custom",
+    "mcp",
+    "web_search",
+    "web_search_2025_08_26",
+    "web_search_preview",
+    "web_search_preview_2025_03_11",
+    "file_search",
+    "code_interpreter",
+    "computer",
+    "computer_use_preview",
+    "tool_search",
+    "programmatic_tool_calling",
+    "local_shell",
+    "shell",
+    "apply_patch",
+]
+
+
+class UnservedTool(WireModel):
+    """A tool type of OpenAI's `Tool` union that this server has no backend for yet: the request is served,
+    the tool is echoed as sent but not offered to the model, and the response says so (a header)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: UnservedToolType
+
+
+def qualified_name(namespace: str | None, name: str) -> str:
+    """The name a function of a namespace is offered to the model under (and read back from its calls)."""
+    return f"{namespace}.{name}" if namespace else name
+
+
+NamespaceMember = Annotated[FunctionTool | UnservedTool, Field(discriminator="type")]
+
+
+class NamespaceTool(WireModel):
+    """Function tools grouped under a name (Codex sends its sub-agent tools so). Each is offered to the model
+    as `namespace.name`; its calls come back carrying `namespace` and the inner `name`, as OpenAI's do."""
+
+    type: Literal["namespace"] = "namespace"
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
+    description: str | None = None
+    tools: list[NamespaceMember] = Field(min_length=1)
+
+    @model_serializer(mode="wrap")
+    def _members_as_sent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # OpenAI's schema types a member's `strict` and `description` as optional, not nullable.
+        data = handler(self)
+        data["tools"] = [{key: value for key, value in member.items() if value is not None} for member in data["tools"]]
+        return data
+
+
+Tool = Annotated[FunctionTool | ImageGenerationTool | NamespaceTool | UnservedTool, Field(discriminator="type")]
 
 
 class FunctionToolChoice(WireModel):
@@ -47,6 +99,26 @@ class HostedToolChoice(WireModel):
     """Forces a hosted tool: here, `{"type": "image_generation"}`."""
 
     type: Literal["image_generation"] = "image_generation"
+
+
+class UnservedToolChoice(WireModel):
+    """Forces a tool type this server has no backend for: refused with a 400 that names it."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal[
+        "file_search",
+        "web_search_preview",
+        "web_search_preview_2025_03_11",
+        "computer",
+        "computer_use",
+        "computer_use_preview",
+        "code_interpreter",
+        "mcp",
+        "custom",
+        "apply_patch",
+        "shell",
+        "programmatic_tool_calling",
+    ]
 
 
 class AllowedToolRef(WireModel):
@@ -62,5 +134,7 @@ class AllowedToolsChoice(WireModel):
 
 ToolChoice = (
     Literal["none", "auto", "required"]
-    | Annotated[FunctionToolChoice | HostedToolChoice | AllowedToolsChoice, Field(discriminator="type")]
+    | Annotated[
+        FunctionToolChoice | HostedToolChoice | AllowedToolsChoice | UnservedToolChoice, Field(discriminator="type")
+    ]
 )

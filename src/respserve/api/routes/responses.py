@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from respserve.api.response_events import ResponseEvents, initial_resource
 from respserve.api.response_runner import Persistence, ResponseRunner
 from respserve.api.sse import DONE, event_frame, frame
 from respserve.api.state import AppState, ServedImageModel, ServedModel, StateDep
+from respserve.api.tool_calling import UNSERVED_TOOLS_HEADER, unserved_tools
 from respserve.engine.generation import GenerationRequest, ImageRequest
 from respserve.engine.image_worker import ImageWorker
 from respserve.engine.request_queue import QueueFull
@@ -37,6 +39,7 @@ from respserve.protocol.lists import ItemList
 from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.response import ResponseDeleted, ResponseResource
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 
 # Seconds a client told 429 should wait: about one short generation on a loaded CPU.
@@ -79,17 +82,28 @@ async def create_response(
     )
     runner = ResponseRunner(work.converter, outputs, persistence, RequestTimer(state.metrics))
     await runner.save_initial()
+    headers = _unserved_tools_header(body, resource.id)
 
     if body.background:
         snapshot = resource.to_wire()
         state.background.start(runner)
         if body.stream:
-            return EventSourceResponse(_follow(state, resource.id, -1), sep="\n", ping=15)
-        return JSONResponse(snapshot)
+            return EventSourceResponse(_follow(state, resource.id, -1), sep="\n", ping=15, headers=headers)
+        return JSONResponse(snapshot, headers=headers)
     if body.stream:
-        return EventSourceResponse(_stream(runner), sep="\n", ping=15)
+        return EventSourceResponse(_stream(runner), sep="\n", ping=15, headers=headers)
     await _run_until_disconnect(runner.run_to_end(), http_request, state.settings.request_timeout_s)
-    return JSONResponse(runner.converter.resource.to_wire())
+    return JSONResponse(runner.converter.resource.to_wire(), headers=headers)
+
+
+def _unserved_tools_header(body: CreateResponseRequest, response_id: str) -> dict[str, str]:
+    """Tools the request listed but the model was not offered (no backend here), said in a header and a log
+    line rather than refused: clients such as Codex send hosted tools with every turn."""
+    unserved = unserved_tools(body)
+    if not unserved:
+        return {}
+    logger.info("%s: tools not offered to the model (no backend here): %s", response_id, ", ".join(unserved))
+    return {UNSERVED_TOOLS_HEADER: ", ".join(unserved)}
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,8 @@ async def _plan(
     # One call when parallel calls are off; at most max_tool_calls otherwise.
     max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
     parser = output_parser(tool_plan, generation, served, state)
-    return _Work(served.worker, generation, ResponseConverter(resource, parser, max_calls))
+    converter = ResponseConverter(resource, parser, max_calls, tool_plan.namespaced)
+    return _Work(served.worker, generation, converter)
 
 
 async def _stream(runner: ResponseRunner) -> AsyncIterator[ServerSentEvent]:
