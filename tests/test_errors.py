@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import RunningServer
+from conftest import RunningServer, prompt_tokens
 
 
 def _error(response, status: int) -> dict:
@@ -82,3 +82,45 @@ def test_streaming_validation_errors_are_plain_json(http) -> None:
     response = http.post("/v1/responses", json={"input": "hi", "stream": True, "temperature": -1})
     assert response.headers["content-type"].startswith("application/json")
     assert _error(response, 400)["param"] == "temperature"
+
+
+def test_truncation_auto_drops_the_oldest_turns_until_the_input_fits(http, server: RunningServer) -> None:
+    # The oldest turn alone overflows SmolLM2's 8,192 tokens; the instructions must survive the cut.
+    turns = [
+        {"role": "user", "content": "lorem ipsum " * 3000},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "You are welcome."},
+        {"role": "user", "content": "And now?"},
+    ]
+    body = {"instructions": "Be brief.", "input": turns, "max_output_tokens": 16, "temperature": 0}
+    refused = _error(http.post("/v1/responses", json=body), 400)
+    assert refused["code"] == "context_length_exceeded"
+    response = http.post("/v1/responses", json={**body, "truncation": "auto"})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["truncation"] == "auto"
+    kept = next(
+        turns[start:]
+        for start in range(len(turns))
+        if prompt_tokens(server, [{"role": "system", "content": "Be brief."}, *turns[start:]])
+        < server.state.default_model.worker.pipeline.context_length
+    )
+    assert kept == turns[1:]
+    expected = prompt_tokens(server, [{"role": "system", "content": "Be brief."}, *kept])
+    assert data["usage"]["input_tokens"] == expected
+    # The last turn alone still too long: truncation cannot help, and says so.
+    alone = {"input": "hello " * 9000, "truncation": "auto"}
+    assert _error(http.post("/v1/responses", json=alone), 400)["code"] == "context_length_exceeded"
+
+
+def test_truncation_drops_a_call_with_the_results_that_answer_it() -> None:
+    from respserve.api.generation_plan import _without_oldest_turn
+    from respserve.engine.generation import ChatMessage, ToolCallTurn
+
+    system = ChatMessage(role="system", content="Be brief.")
+    call = ChatMessage(role="assistant", content="", tool_calls=(ToolCallTurn("call_1", "f", "{}"),))
+    result = ChatMessage(role="tool", content="42", tool_call_id="call_1")
+    question = ChatMessage(role="user", content="And now?")
+    assert _without_oldest_turn([system, call, result, question]) == [system, question]
+    assert _without_oldest_turn([system, question]) is None

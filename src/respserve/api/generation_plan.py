@@ -11,9 +11,9 @@ from respserve.api.input_items import context_items
 from respserve.api.output_parsers import OutputParser, ReasoningParser
 from respserve.api.state import AppState, ServedModel
 from respserve.api.tool_calling import ToolPlan, plan_tools
-from respserve.engine.generation import GenerationRequest, SamplingParams
+from respserve.engine.generation import ChatMessage, GenerationRequest, SamplingParams, ToolSpec
 from respserve.engine.structured_output import GrammarCompiler, InvalidGrammar
-from respserve.engine.text_pipeline import ContextLengthExceeded
+from respserve.engine.text_pipeline import ContextLengthExceeded, TextPipeline
 from respserve.protocol.ids import new_id
 from respserve.protocol.items import InputItem
 from respserve.protocol.request import CreateResponseRequest
@@ -48,10 +48,7 @@ async def plan_generation(
     # Compiling schemas (and, the first time, the grammar tokenizer) is CPU work: off the event loop.
     plan = await asyncio.to_thread(plan_tools, body, pipeline.grammars, state.settings.tool_parser)
     grammar = plan.grammar or await asyncio.to_thread(_grammar, body, pipeline.grammars)
-    try:
-        prompt = await asyncio.to_thread(pipeline.render_prompt, messages, plan.tools)
-    except ContextLengthExceeded as exc:
-        raise InvalidRequestError(str(exc), param="input", code="context_length_exceeded") from exc
+    prompt = await asyncio.to_thread(_render, pipeline, messages, plan.tools, body.truncation == "auto")
     room = pipeline.context_length - len(prompt)
     # The server's cap applies to every request, whatever it asks for.
     max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, state.settings.max_output_tokens, room)
@@ -69,6 +66,33 @@ async def plan_generation(
         grammar=grammar,
     )
     return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling), plan
+
+
+def _render(pipeline: TextPipeline, messages: list[ChatMessage], tools: list[ToolSpec], truncate: bool) -> list[int]:
+    """The prompt's tokens. With `truncation: "auto"`, while it does not fit the context, the oldest turn
+    that is not a system turn is dropped (with the tool results answering it), as OpenAI describes; the
+    instructions and system/developer turns always stay, and so does the last turn."""
+    while True:
+        try:
+            return pipeline.render_prompt(messages, tools)
+        except ContextLengthExceeded as exc:
+            dropped = _without_oldest_turn(messages) if truncate else None
+            if dropped is None:
+                raise InvalidRequestError(str(exc), param="input", code="context_length_exceeded") from exc
+            messages = dropped
+
+
+def _without_oldest_turn(messages: list[ChatMessage]) -> list[ChatMessage] | None:
+    turns = [index for index, message in enumerate(messages) if message.role != "system"]
+    if len(turns) < 2:
+        return None
+    oldest = messages[turns[0]]
+    answered = {call.call_id for call in oldest.tool_calls}
+    return [
+        message
+        for index, message in enumerate(messages)
+        if index != turns[0] and not (message.role == "tool" and message.tool_call_id in answered)
+    ]
 
 
 def output_parser(plan: ToolPlan, generation: GenerationRequest, served: ServedModel, state: AppState) -> OutputParser:
