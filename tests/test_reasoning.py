@@ -10,9 +10,11 @@ import httpx
 import pytest
 import torch
 from conftest import OpenResponsesSchema, RunningServer, ban, free_port, start_server, stop_server, stream_events
+from cryptography.fernet import Fernet
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from respserve.api.converter import ResponseConverter
+from respserve.api.encrypted_reasoning import InvalidReasoningBlob, ReasoningSealer
 from respserve.api.output_parsers import OutputParser, ReasoningParser, ReasoningSegment, TextSegment
 from respserve.api.response_events import initial_resource
 from respserve.config import load_settings
@@ -128,3 +130,60 @@ def test_tiny_qwen3_streams_reasoning_end_to_end(
         assert final["usage"]["output_tokens_details"]["reasoning_tokens"] == 24
         stored = http.get(f"/v1/responses/{final['id']}").json()
         schema.response(stored)
+
+
+def test_encrypted_reasoning_round_trips_through_a_stateless_client(
+    thinking_model: Path, thinking_server: RunningServer, schema: OpenResponsesSchema
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(thinking_model)
+    never_closes = ban([tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</think>")])
+    first_turn = [{"role": "user", "content": "What is 2+2?"}]
+    body = {
+        "input": first_turn,
+        "max_output_tokens": 16,
+        "temperature": 0,
+        "logit_bias": never_closes,
+        "include": ["reasoning.encrypted_content"],
+        "reasoning": {"summary": "auto"},
+    }
+    with httpx.Client(base_url=thinking_server.base_url, timeout=120) as http:
+        stateless = http.post("/v1/responses", json={**body, "store": False}).json()
+        schema.response(stateless)
+        reasoning = stateless["output"][0]  # then an empty incomplete message: the thoughts never closed
+        assert reasoning["type"] == "reasoning"
+        text = reasoning["content"][0]["text"]
+        assert isinstance(reasoning["encrypted_content"], str) and text not in reasoning["encrypted_content"]
+        assert reasoning["summary"] == [{"type": "summary_text", "text": text}]
+        # Sent back as Codex does (the blob, no readable content), the next turn sees what a stored chain sees.
+        sent_back = {"type": "reasoning", "id": reasoning["id"], "summary": [], "encrypted_content": None}
+        sent_back["encrypted_content"] = reasoning["encrypted_content"]
+        next_turn = {"role": "user", "content": "And 3+3?"}
+        stateless_input = [*first_turn, sent_back, *stateless["output"][1:], next_turn]
+        stateless_next = http.post("/v1/responses", json={**body, "store": False, "input": stateless_input})
+        assert stateless_next.status_code == 200, stateless_next.text
+        stored = http.post("/v1/responses", json=body).json()
+        chain = {**body, "input": [next_turn], "previous_response_id": stored["id"]}
+        chained = http.post("/v1/responses", json=chain)
+        assert stateless_next.json()["usage"]["input_tokens"] == chained.json()["usage"]["input_tokens"]
+        kept = http.post("/v1/responses", json={**body, "input": stateless_input}).json()
+        listed = http.get(f"/v1/responses/{kept['id']}/input_items", params={"order": "asc"}).json()["data"]
+        assert listed[1]["content"] == [{"type": "reasoning_text", "text": text}]  # opened, then stored
+
+        foreign = ReasoningSealer(Fernet.generate_key()).seal(text)
+        blob = reasoning["encrypted_content"]
+        tampered = blob[:40] + ("B" if blob[40] == "A" else "A") + blob[41:]
+        for blob in (foreign, tampered, "not a blob"):
+            bad = {**body, "store": False, "input": [*first_turn, {**sent_back, "encrypted_content": blob}]}
+            refused = http.post("/v1/responses", json=bad)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == "input[1].encrypted_content"
+
+
+def test_the_reasoning_key_persists_in_the_data_dir_or_comes_from_the_secret(tmp_path: Path) -> None:
+    blob = ReasoningSealer.from_settings(None, tmp_path).seal("thoughts")
+    assert ReasoningSealer.from_settings(None, tmp_path).open(blob) == "thoughts"  # after a restart
+    assert oct((tmp_path / "reasoning.key").stat().st_mode & 0o777) == "0o600"
+    shared = ReasoningSealer.from_settings("s3cret", tmp_path / "a").seal("thoughts")
+    assert ReasoningSealer.from_settings("s3cret", tmp_path / "b").open(shared) == "thoughts"  # replicas
+    with pytest.raises(InvalidReasoningBlob):
+        ReasoningSealer.from_settings("other", tmp_path / "c").open(shared)

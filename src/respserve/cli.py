@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--protect-metrics", dest="protect_metrics", action="store_const", const=True, help="/metrics needs a key"
     )
+    serve.add_argument("--secret-key", dest="secret_key", help="seals reasoning.encrypted_content")
     serve.add_argument("--log-json", dest="log_json", action="store_const", const=True, help="JSON log lines")
     serve.add_argument("--config", help="a TOML settings file (see configs/default.toml)")
     return parser

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
         description="Keys accepted as 'Authorization: Bearer'; none: no auth. Env: comma-separated.",
     )
     protect_metrics: bool = Field(default=False, description="With API keys set, /metrics needs a key too.")
+    secret_key: str | None = Field(
+        default=None,
+        description="Seals reasoning.encrypted_content; none: a key generated once into the data dir.",
+    )
     max_output_tokens: int = Field(
         default=4096, ge=16, description="Cap on one response's output tokens (and the default when none is set)."
     )

@@ -14,6 +14,7 @@ from sse_starlette.sse import AppStatus
 from respserve import __version__
 from respserve.api.background import BackgroundJobs
 from respserve.api.body_limit import BodyLimitMiddleware
+from respserve.api.encrypted_reasoning import ReasoningSealer
 from respserve.api.errors import install_error_handlers
 from respserve.api.metrics import Metrics
 from respserve.api.request_log import RequestLogMiddleware
@@ -61,7 +62,10 @@ def load_image_models(settings: Settings) -> list[ServedImageModel]:
 def create_app(settings: Settings) -> FastAPI:
     store = open_store(settings.data_dir)
     metrics = Metrics()
-    state = AppState(settings=settings, store=store, background=BackgroundJobs(store), metrics=metrics)
+    sealer = ReasoningSealer.from_settings(settings.secret_key, settings.data_dir)
+    state = AppState(
+        settings=settings, store=store, background=BackgroundJobs(store), metrics=metrics, reasoning_sealer=sealer
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -6,6 +6,8 @@ first forwards the events it returns, the second only reads `resource` at the en
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from respserve.api.output_parsers import (
     CallArguments,
     CallStart,
@@ -63,8 +65,12 @@ class ResponseConverter(ResponseEvents):
         parser: OutputParser | None = None,
         max_tool_calls: int | None = None,
         namespaced: dict[str, tuple[str, str]] | None = None,
+        seal_reasoning: Callable[[str], str] | None = None,
+        summarize_reasoning: bool = False,
     ) -> None:
         super().__init__(resource)
+        self._seal_reasoning = seal_reasoning  # set when the request includes reasoning.encrypted_content
+        self._summarize_reasoning = summarize_reasoning  # `reasoning.summary` was asked for
         self._parser = parser or OutputParser()
         self._max_tool_calls = max_tool_calls
         self._namespaced = namespaced or {}  # the prompt's `namespace.name` -> (namespace, name)
@@ -141,6 +147,10 @@ class ResponseConverter(ResponseEvents):
         index = self._items.index(item)
         text = "".join(self._reasoning_text)
         item.content = [ReasoningText(text=text)]
+        if self._summarize_reasoning:  # no separate summariser: the summary is the reasoning itself
+            item.summary = [{"type": "summary_text", "text": text}]
+        if self._seal_reasoning is not None:
+            item.encrypted_content = self._seal_reasoning(text)
         return [
             self._event(ReasoningTextDoneEvent(item_id=item.id, output_index=index, text=text)),
             self._event(OutputItemDoneEvent(output_index=index, item=item.model_copy(deep=True))),

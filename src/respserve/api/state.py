@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from respserve.api.background import BackgroundJobs
+from respserve.api.encrypted_reasoning import ReasoningSealer
 from respserve.api.errors import NotFoundError
 from respserve.api.metrics import Metrics
 from respserve.config import Settings
@@ -36,6 +37,7 @@ class AppState:
     store: ResponseStore
     background: BackgroundJobs
     metrics: Metrics
+    reasoning_sealer: ReasoningSealer
     models: dict[str, ServedModel | ServedImageModel] = field(default_factory=dict)
 
     @property

@@ -127,6 +127,14 @@ class ReasoningItem(BaseModel):
     id: str
     summary: list[dict[str, Any]] = Field(default_factory=list)
     content: list[ReasoningText] = Field(default_factory=list)
+    encrypted_content: str | None = None  # only with include "reasoning.encrypted_content"
+
+    @model_serializer(mode="wrap")
+    def _encrypted_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("encrypted_content") is None:
+            data.pop("encrypted_content", None)
+        return data
 
 
 OutputItem = Annotated[

@@ -17,6 +17,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from respserve.api.auth import Owner
 from respserve.api.converter import ResponseConverter
+from respserve.api.encrypted_reasoning import INCLUDE as ENCRYPTED_REASONING
+from respserve.api.encrypted_reasoning import open_reasoning_items
 from respserve.api.errors import GatewayTimeoutError, InvalidRequestError, NotFoundError, RateLimitError
 from respserve.api.generation_plan import output_parser, plan_generation, stored_context_items
 from respserve.api.image_converter import ImageCallConverter, ImageMessageConverter
@@ -57,6 +59,7 @@ async def create_response(
         raise InvalidRequestError(
             "'previous_response_id' and 'conversation' cannot be used together.", param="conversation"
         )
+    open_reasoning_items(body, state.reasoning_sealer)
     stored_context = await stored_context_items(body, state, owner)
     input_items = stored_input_items(body.input)
     resource = initial_resource(body, served.name)
@@ -143,7 +146,11 @@ async def _plan(
     # One call when parallel calls are off; at most max_tool_calls otherwise.
     max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
     parser = output_parser(tool_plan, generation, served, state)
-    converter = ResponseConverter(resource, parser, max_calls, tool_plan.namespaced)
+    sealer = state.reasoning_sealer if ENCRYPTED_REASONING in (body.include or []) else None
+    summarize = body.reasoning is not None and body.reasoning.summary is not None
+    converter = ResponseConverter(
+        resource, parser, max_calls, tool_plan.namespaced, sealer.seal if sealer else None, summarize
+    )
     return _Work(served.worker, generation, converter)
 
 
