@@ -20,6 +20,7 @@ import hypothesis
 import jsonschema
 import openai
 import pytest
+import torch
 import uvicorn
 from fastapi import FastAPI
 
@@ -121,6 +122,30 @@ def fixed_reply(text: str) -> dict[str, Any]:
     known content and length, ending by itself, on any CPU."""
     schema = {"type": "string", "enum": [text]}
     return {"format": {"type": "json_schema", "name": "fixed", "schema": schema, "strict": True}}
+
+
+def tiny_qwen3(tokenizer: Any, **overrides: Any) -> Any:
+    """A Qwen3 of a few hundred thousand random weights (seeded) over `tokenizer`: a model whose context,
+    layers and template a test chooses, built here rather than fetched."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    shape: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 1024,
+    }
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**shape, **overrides},
+    )
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(config).eval()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:

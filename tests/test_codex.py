@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import RunningServer, free_port, start_server, stop_server
-from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from conftest import RunningServer, free_port, start_server, stop_server, tiny_qwen3
+from transformers import AutoTokenizer
 
 from respserve.config import load_settings
 
@@ -61,21 +61,7 @@ def ending_model(server: RunningServer, tmp_path_factory: pytest.TempPathFactory
     """
     folder = tmp_path_factory.mktemp("tiny-long-qwen3")
     tokenizer = AutoTokenizer.from_pretrained(server.state.default_model.worker.pipeline.tokenizer.name_or_path)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=32768,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).eval()
+    model = tiny_qwen3(tokenizer, num_hidden_layers=1, max_position_embeddings=32768, tie_word_embeddings=False)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()

@@ -8,10 +8,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from conftest import OpenResponsesSchema, RunningServer, ban, free_port, start_server, stop_server, stream_events
+from conftest import (
+    OpenResponsesSchema,
+    RunningServer,
+    ban,
+    free_port,
+    start_server,
+    stop_server,
+    stream_events,
+    tiny_qwen3,
+)
 from cryptography.fernet import Fernet
-from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoTokenizer
 
 from respserve.api.converter import ResponseConverter
 from respserve.api.encrypted_reasoning import InvalidReasoningBlob, ReasoningSealer
@@ -36,20 +44,7 @@ def thinking_model(server: RunningServer, tmp_path_factory: pytest.TempPathFacto
     tokenizer = AutoTokenizer.from_pretrained(server.state.default_model.worker.pipeline.tokenizer.name_or_path)
     tokenizer.add_tokens(["<think>", "</think>"])  # plain added tokens, as in Qwen3: decoded, not skipped
     tokenizer.chat_template = THINKING_TEMPLATE
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(config).eval().save_pretrained(folder)
+    tiny_qwen3(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

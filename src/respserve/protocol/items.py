@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Discriminator, Field, SerializerFunctionWrapHandler, Tag, model_serializer
 
@@ -105,36 +105,38 @@ class OutputMessage(BaseModel):
     content: list[OutputContent] = Field(default_factory=list)
 
 
-class FunctionCallItem(BaseModel):
+class _OptionalKeys(BaseModel):
+    """An output item with keys OpenAI's schema makes optional but not nullable: left out while None."""
+
+    _optional: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_unset_optionals(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for key in self._optional:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+class FunctionCallItem(_OptionalKeys):
+    _optional = ("namespace",)
     type: Literal["function_call"] = "function_call"
     id: str
     call_id: str
-    namespace: str | None = None  # set for a function of a `namespace` tool; absent from the wire otherwise
+    namespace: str | None = None  # set for a function of a `namespace` tool
     name: str
     arguments: str
     status: MessageStatus
 
-    @model_serializer(mode="wrap")
-    def _namespace_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("namespace") is None:
-            data.pop("namespace", None)
-        return data
 
-
-class ReasoningItem(BaseModel):
+class ReasoningItem(_OptionalKeys):
+    _optional = ("encrypted_content",)
     type: Literal["reasoning"] = "reasoning"
     id: str
     summary: list[dict[str, Any]] = Field(default_factory=list)
     content: list[ReasoningText] = Field(default_factory=list)
     encrypted_content: str | None = None  # only with include "reasoning.encrypted_content"
-
-    @model_serializer(mode="wrap")
-    def _encrypted_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("encrypted_content") is None:
-            data.pop("encrypted_content", None)
-        return data
 
 
 OutputItem = Annotated[
