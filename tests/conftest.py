@@ -246,6 +246,10 @@ class OpenResponsesSchema:
             return {"$ref": f"#/components/schemas/{name}"}
 
         schemas["ItemField"]["oneOf"].append(take("ImageGenToolCall"))
+        schemas["ItemField"]["oneOf"].append(take("CustomToolCall"))
+        for name in ("ResponseCustomToolCallInputDeltaEvent", "ResponseCustomToolCallInputDoneEvent"):
+            take(name)
+            self._event_schemas[schemas[name]["properties"]["type"]["enum"][0]] = name
         # Every member of OpenAI's `Tool` union is accepted and echoed (most are not offered to the model).
         openai_tools = [ref["$ref"].rsplit("/", 1)[1] for ref in openai_schemas["Tool"]["oneOf"]]
         schemas["Tool"] = {
@@ -255,6 +259,7 @@ class OpenResponsesSchema:
         # OpenAI lists its own models' sizes; a served model has its own ("WIDTHxHEIGHT").
         schemas["ImageGenTool"]["properties"]["size"] = {"type": "string", "pattern": "^(auto|[0-9]+x[0-9]+)$"}
         schemas["ResponseResource"]["properties"]["tool_choice"]["oneOf"].append(take("ToolChoiceTypes"))
+        schemas["ResponseResource"]["properties"]["tool_choice"]["oneOf"].append(take("ToolChoiceCustom"))
         for name in ("InProgress", "Generating", "PartialImage", "Completed"):
             take(f"ResponseImageGenCall{name}Event")
             event_type = schemas[f"ResponseImageGenCall{name}Event"]["properties"]["type"]["enum"][0]

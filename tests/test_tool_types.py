@@ -5,6 +5,7 @@ forcing one is a 400. The tools are those Codex CLI sends with every turn."""
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import jsonschema
@@ -29,11 +30,6 @@ AGENTS = {
 }
 UNSERVED = [
     {"type": "web_search", "external_web_access": False},
-    {
-        "type": "custom",
-        "name": "apply_patch",
-        "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"},
-    },
     {"type": "mcp", "server_label": "docs", "server_url": "http://127.0.0.1:1/mcp"},
     {"type": "file_search", "vector_store_ids": ["vs_1"]},
     {"type": "code_interpreter", "container": {"type": "auto"}},
@@ -56,7 +52,7 @@ def test_codex_tool_list_is_served_and_unserved_tools_are_named(
     schema.response(body)
     assert [tool["type"] for tool in body["tools"]] == ["function", "namespace", *(t["type"] for t in UNSERVED)]
     assert body["tools"][2] == UNSERVED[0]  # echoed as sent
-    expected = "custom, web_search, mcp, file_search, code_interpreter, local_shell, shell, apply_patch, tool_search"
+    expected = "web_search, mcp, file_search, code_interpreter, local_shell, shell, apply_patch, tool_search"
     assert response.headers["x-respserve-unserved-tools"] == expected
     # The functions (the namespaced one too) are in the prompt; the unserved tools add nothing to it.
     assert functions_only["usage"]["input_tokens"] > plain["usage"]["input_tokens"] + 50
@@ -108,7 +104,6 @@ def test_plain_function_calls_have_no_namespace_key(http: httpx.Client) -> None:
     [
         {"type": "web_search_preview"},
         {"type": "file_search"},
-        {"type": "custom", "name": "apply_patch"},
         {"type": "mcp", "server_label": "docs"},
         {"type": "shell"},
     ],
@@ -136,3 +131,83 @@ def test_openai_sdk_sends_codex_shaped_tools(server: RunningServer, client) -> N
     )
     assert response.status in ("completed", "incomplete")
     assert [tool.type for tool in response.tools] == ["function", "namespace", "web_search"]
+
+
+PICK = {
+    "type": "custom",
+    "name": "pick_city",
+    "description": "Name a city.",
+    "format": {"type": "grammar", "syntax": "regex", "definition": "(Paris|Rome|Oslo) in [0-9]{4}"},
+}
+PATCH = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Edit a file.",
+    "format": {
+        "type": "grammar",
+        "syntax": "lark",
+        "definition": 'start: "*** Begin Patch\\n" LINE+ "*** End Patch"\nLINE: /[+-][a-z ]{1,20}\\n/',
+    },
+}
+
+
+def test_a_forced_custom_tool_streams_input_its_grammar_allows(http: httpx.Client, schema: OpenResponsesSchema) -> None:
+    body = {
+        **BASE,
+        "max_output_tokens": 40,
+        "tools": [SHELL, PICK],
+        "tool_choice": {"type": "custom", "name": "pick_city"},
+    }
+    events, _ = stream_events(http, body)
+    for event in events:
+        schema.event(event)
+    final = events[-1]["response"]
+    assert final["status"] == "completed"
+    [call] = final["output"]
+    assert call["type"] == "custom_tool_call" and call["id"].startswith("ctc_") and call["name"] == "pick_city"
+    assert re.fullmatch(PICK["format"]["definition"], call["input"])
+    deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
+    done = next(e for e in events if e["type"] == "response.custom_tool_call_input.done")
+    assert len(deltas) > 1 and "".join(deltas) == done["input"] == call["input"]
+    assert final["tools"][1] == PICK and final["tool_choice"] == {"type": "custom", "name": "pick_city"}
+    # Its output goes back as a custom_tool_call_output, with the call or through a chain: the same prompt.
+    result = {"type": "custom_tool_call_output", "call_id": call["call_id"], "output": "done"}
+    explicit = http.post(
+        "/v1/responses", json={**BASE, "tools": [PICK], "input": [{"role": "user", "content": "Hello"}, call, result]}
+    )
+    chained = http.post(
+        "/v1/responses", json={**BASE, "tools": [PICK], "input": [result], "previous_response_id": final["id"]}
+    )
+    assert explicit.status_code == 200 and chained.status_code == 200, explicit.text
+    assert explicit.json()["usage"]["input_tokens"] == chained.json()["usage"]["input_tokens"]
+    items = http.get(f"/v1/responses/{explicit.json()['id']}/input_items", params={"order": "asc"}).json()["data"]
+    assert [item["type"] for item in items] == ["message", "custom_tool_call", "custom_tool_call_output"]
+
+
+def test_a_lark_grammar_shapes_a_namespaced_custom_call(http: httpx.Client) -> None:
+    tools = [{"type": "namespace", "name": "files", "description": "File tools.", "tools": [PATCH]}]
+    body = {**BASE, "max_output_tokens": 60, "tools": tools, "tool_choice": {"type": "custom", "name": "apply_patch"}}
+    body["logit_bias"] = {"2": -100}  # the grammar ends the patch; the model may not stop inside it
+    data = http.post("/v1/responses", json=body).json()
+    [call] = data["output"]
+    assert (call["type"], call["namespace"], call["name"]) == ("custom_tool_call", "files", "apply_patch")
+    if data["status"] == "completed":
+        assert re.fullmatch(r"\*\*\* Begin Patch\n([+-][a-z ]{1,20}\n)+\*\*\* End Patch", call["input"])
+    else:  # out of tokens inside the patch: what was written is a prefix the grammar allows
+        assert call["input"].startswith("*** Begin Patch\n")
+
+
+def test_custom_tool_errors(http: httpx.Client) -> None:
+    bad_grammar = {**PICK, "format": {"type": "grammar", "syntax": "lark", "definition": "start: ((("}}
+    cases = [
+        (
+            {"tools": [bad_grammar], "tool_choice": {"type": "custom", "name": "pick_city"}},
+            "tools[0].format.definition",
+        ),
+        ({"tools": [PICK], "tool_choice": {"type": "custom", "name": "nope"}}, "tool_choice.name"),
+        ({"tools": [SHELL], "tool_choice": {"type": "custom", "name": "exec_command"}}, "tool_choice.name"),
+    ]
+    for extra, param in cases:
+        response = http.post("/v1/responses", json={**BASE, **extra})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param

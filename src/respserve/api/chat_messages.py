@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -9,6 +10,8 @@ from respserve.api.errors import InvalidRequestError
 from respserve.engine.generation import ChatMessage, ToolCallTurn
 from respserve.protocol.content import InputFile, InputImage, InputText, OutputText, Refusal
 from respserve.protocol.items import (
+    CustomToolCallInput,
+    CustomToolCallOutputInput,
     FunctionCallInput,
     FunctionCallOutputInput,
     ImageGenerationCall,
@@ -56,11 +59,12 @@ def _append(messages: list[ChatMessage], message: ChatMessage) -> None:
 
 
 def _message(item: InputItem, param: str, model: str, accepts_images: bool) -> ChatMessage:
-    if isinstance(item, FunctionCallInput):
-        name = qualified_name(item.namespace, item.name)
-        call = ToolCallTurn(call_id=item.call_id, name=name, arguments=item.arguments)
+    if isinstance(item, FunctionCallInput | CustomToolCallInput):
+        # A custom tool is offered as a function of one string, `input`: its call is rendered so too.
+        arguments = item.arguments if isinstance(item, FunctionCallInput) else json.dumps({"input": item.input})
+        call = ToolCallTurn(call_id=item.call_id, name=qualified_name(item.namespace, item.name), arguments=arguments)
         return ChatMessage(role="assistant", content="", tool_calls=(call,))
-    if isinstance(item, FunctionCallOutputInput):
+    if isinstance(item, FunctionCallOutputInput | CustomToolCallOutputInput):
         output = item.output if isinstance(item.output, str) else _text(item.output, param, model, accepts_images)
         return ChatMessage(role="tool", content=output, tool_call_id=item.call_id)
     role = _TEMPLATE_ROLES.get(item.role, item.role)

@@ -6,6 +6,7 @@ first forwards the events it returns, the second only reads `resource` at the en
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from respserve.api.output_parsers import (
@@ -17,11 +18,14 @@ from respserve.api.output_parsers import (
     TextSegment,
 )
 from respserve.api.response_events import FINAL_STATUS, ResponseEvents
+from respserve.api.tool_calling import CallTarget
 from respserve.engine.generation import GenerationOutput, TokenLogprob
 from respserve.protocol.content import LogProb, OutputText, ReasoningText, TopLogProb
 from respserve.protocol.events import (
     ContentPartAddedEvent,
     ContentPartDoneEvent,
+    CustomToolCallInputDeltaEvent,
+    CustomToolCallInputDoneEvent,
     FunctionCallArgumentsDeltaEvent,
     FunctionCallArgumentsDoneEvent,
     OutputItemAddedEvent,
@@ -33,7 +37,7 @@ from respserve.protocol.events import (
     StreamEvent,
 )
 from respserve.protocol.ids import new_id
-from respserve.protocol.items import FunctionCallItem, MessageStatus, OutputMessage, ReasoningItem
+from respserve.protocol.items import CustomToolCallItem, FunctionCallItem, MessageStatus, OutputMessage, ReasoningItem
 from respserve.protocol.response import (
     IncompleteDetails,
     InputTokensDetails,
@@ -64,7 +68,8 @@ class ResponseConverter(ResponseEvents):
         resource: ResponseResource,
         parser: OutputParser | None = None,
         max_tool_calls: int | None = None,
-        namespaced: dict[str, tuple[str, str]] | None = None,
+        targets: dict[str, CallTarget] | None = None,
+        raw_input: bool = False,
         seal_reasoning: Callable[[str], str] | None = None,
         summarize_reasoning: bool = False,
     ) -> None:
@@ -73,13 +78,14 @@ class ResponseConverter(ResponseEvents):
         self._summarize_reasoning = summarize_reasoning  # `reasoning.summary` was asked for
         self._parser = parser or OutputParser()
         self._max_tool_calls = max_tool_calls
-        self._namespaced = namespaced or {}  # the prompt's `namespace.name` -> (namespace, name)
+        self._targets = targets or {}  # what a call under an offered name is on the wire
+        self._raw_input = raw_input  # a forced custom tool: the output is its input as it streams
         self._items: list[OutputMessage | FunctionCallItem] = []
         self._message: OutputMessage | None = None
         self._text: list[str] = []
         self._logprobs: list[LogProb] = []
         self._pending_logprobs: list[LogProb] = []  # tokens whose text is still held back
-        self._call: FunctionCallItem | None = None
+        self._call: FunctionCallItem | CustomToolCallItem | None = None
         self._arguments: list[str] = []
         self._reasoning: ReasoningItem | None = None
         self._reasoning_text: list[str] = []
@@ -112,13 +118,7 @@ class ResponseConverter(ResponseEvents):
         if isinstance(segment, CallStart):
             return self._start_call(segment.name)
         if isinstance(segment, CallArguments):
-            if self._call is None:
-                return []
-            self._arguments.append(segment.delta)
-            delta = FunctionCallArgumentsDeltaEvent(
-                item_id=self._call.id, output_index=self._index, delta=segment.delta
-            )
-            return [self._event(delta)]
+            return self._call_delta(segment.delta)
         return self._close_call("completed")
 
     @property
@@ -203,17 +203,32 @@ class ResponseConverter(ResponseEvents):
     def _start_call(self, name: str) -> list[StreamEvent]:
         events = self._close_message("completed")
         self._pending_logprobs = []  # those tokens were call markup, not text
-        calls = sum(isinstance(item, FunctionCallItem) for item in self._items)
+        calls = sum(isinstance(item, FunctionCallItem | CustomToolCallItem) for item in self._items)
         if self._max_tool_calls is not None and calls >= self._max_tool_calls:
             return events
-        namespace, name = self._namespaced.get(name, (None, name))
-        self._call = FunctionCallItem(
-            id=new_id("fc"), call_id=new_id("call"), namespace=namespace, name=name, arguments="", status="in_progress"
-        )
+        target = self._targets.get(name, CallTarget(name=name))
+        ids = {"call_id": new_id("call"), "namespace": target.namespace, "name": target.name, "status": "in_progress"}
+        if target.custom:
+            self._call = CustomToolCallItem(id=new_id("ctc"), input="", **ids)
+        else:
+            self._call = FunctionCallItem(id=new_id("fc"), arguments="", **ids)
         self._items.append(self._call)
         self._arguments = []
         events.append(self._event(OutputItemAddedEvent(output_index=self._index, item=self._call.model_copy())))
         return events
+
+    def _call_delta(self, delta: str) -> list[StreamEvent]:
+        call = self._call
+        if call is None:
+            return []
+        self._arguments.append(delta)
+        if isinstance(call, FunctionCallItem):
+            return [
+                self._event(FunctionCallArgumentsDeltaEvent(item_id=call.id, output_index=self._index, delta=delta))
+            ]
+        if self._raw_input:
+            return [self._event(CustomToolCallInputDeltaEvent(item_id=call.id, output_index=self._index, delta=delta))]
+        return []  # JSON `{"input": ...}` from a parsed call: its input is known at the end
 
     def _close_call(self, status: MessageStatus) -> list[StreamEvent]:
         call = self._call
@@ -221,23 +236,30 @@ class ResponseConverter(ResponseEvents):
             return []
         self._call = None
         index = self._items.index(call)
-        call.arguments = "".join(self._arguments)
         call.status = status
-        return [
-            self._event(
-                FunctionCallArgumentsDoneEvent(
-                    item_id=call.id, output_index=index, name=call.name, arguments=call.arguments
-                )
-            ),
-            self._event(OutputItemDoneEvent(output_index=index, item=call.model_copy())),
-        ]
+        written = "".join(self._arguments)
+        if isinstance(call, FunctionCallItem):
+            call.arguments = written
+            done: StreamEvent = FunctionCallArgumentsDoneEvent(
+                item_id=call.id, output_index=index, name=call.name, arguments=written
+            )
+            return [self._event(done), self._event(OutputItemDoneEvent(output_index=index, item=call.model_copy()))]
+        events = []
+        call.input = written if self._raw_input else _custom_input(written)
+        if not self._raw_input and call.input:
+            events.append(
+                self._event(CustomToolCallInputDeltaEvent(item_id=call.id, output_index=index, delta=call.input))
+            )
+        events.append(self._event(CustomToolCallInputDoneEvent(item_id=call.id, output_index=index, input=call.input)))
+        events.append(self._event(OutputItemDoneEvent(output_index=index, item=call.model_copy())))
+        return events
 
     # ---- the end ---------------------------------------------------------------------------------------------
     def _finish(self, output: GenerationOutput) -> list[StreamEvent]:
         status = FINAL_STATUS[output.final_status]
         item_status: MessageStatus = "completed" if status == "completed" else "incomplete"
         events = self._close_reasoning() + self._close_call(item_status)
-        if not any(isinstance(item, OutputMessage | FunctionCallItem) for item in self._items):
+        if not any(isinstance(item, OutputMessage | FunctionCallItem | CustomToolCallItem) for item in self._items):
             events.extend(self._open_message())  # an empty answer is still one (empty) message
         events.extend(self._close_message(item_status))
         resource = self.resource
@@ -252,3 +274,14 @@ class ResponseConverter(ResponseEvents):
         if status == "incomplete":
             resource.incomplete_details = IncompleteDetails(reason="max_output_tokens")
         return events + self._end(status, output.error)
+
+
+def _custom_input(arguments: str) -> str:
+    """A custom tool's input from the JSON a model wrote when it called it as a function of `input`."""
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+    if isinstance(parsed, dict) and isinstance(parsed.get("input"), str):
+        return parsed["input"]
+    return arguments

@@ -13,6 +13,8 @@ from pydantic import TypeAdapter
 from respserve.protocol.ids import new_id
 from respserve.protocol.items import (
     AssistantInputMessage,
+    CustomToolCallInput,
+    CustomToolCallOutputInput,
     FunctionCallInput,
     FunctionCallOutputInput,
     ImageGenerationCall,
@@ -39,6 +41,10 @@ def stored_input_items(request_input: str | list[Any]) -> list[dict[str, Any]]:
         if isinstance(item, FunctionCallInput | FunctionCallOutputInput):
             prefix = "fc" if isinstance(item, FunctionCallInput) else "fco"
             stored.append({**data, "id": item.id or new_id(prefix), "status": item.status or "completed"})
+            continue
+        if isinstance(item, CustomToolCallInput | CustomToolCallOutputInput):
+            prefix = "ctc" if isinstance(item, CustomToolCallInput) else "ctco"
+            stored.append({**data, "id": item.id or new_id(prefix)})
             continue
         if isinstance(data["content"], str):
             part_type = "output_text" if isinstance(item, AssistantInputMessage) else "input_text"

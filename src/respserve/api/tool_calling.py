@@ -1,9 +1,11 @@
-"""What a request's `tools` and `tool_choice` mean for one generation: which functions the prompt offers,
+"""What a request's `tools` and `tool_choice` mean for one generation: which tools the prompt offers,
 the grammar that forces a call, and the parser that reads calls out of the output.
 
-Functions of a `namespace` tool are offered as `namespace.name`. Tool types this server has no backend for
-(hosted search, MCP, custom, shells...) are left out of the prompt and listed in `ToolPlan.unserved`; a
-`tool_choice` that forces one is a 400.
+Functions and custom tools are offered to the model alike (a custom tool as a function of one string,
+`input`); tools of a `namespace` as `namespace.name`. A custom tool forced by `tool_choice` is decoded
+under its grammar, and the output is its input itself. Tool types this server has no backend for (hosted
+search, MCP, shells...) are left out of the prompt (`unserved_tools`); a `tool_choice` that forces one is a
+400.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from respserve.engine.structured_output import GrammarCompiler, InvalidGrammar
 from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.tools import (
     AllowedToolsChoice,
+    CustomGrammarFormat,
+    CustomTool,
+    CustomToolChoice,
     FunctionTool,
     FunctionToolChoice,
     NamespaceTool,
@@ -34,22 +39,39 @@ from respserve.protocol.tools import (
 ToolParserName = Literal["hermes", "json"]
 UNSERVED_TOOLS_HEADER = "X-Respserve-Unserved-Tools"
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# How a custom tool looks to a model that calls tools by JSON: a function of one string.
+_CUSTOM_INPUT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"input": {"type": "string"}},
+    "required": ["input"],
+    "additionalProperties": False,
+}
 
 
 @dataclass(frozen=True)
-class OfferedFunction:
-    spec: ToolSpec  # as the prompt shows it (a namespaced function under its qualified name)
-    namespace: str | None
+class CallTarget:
+    """What a call the model writes under an offered name is, on the wire."""
+
     name: str
-    param: str  # where its parameters sit in the request, for errors
+    namespace: str | None = None
+    custom: bool = False  # a `custom_tool_call` (with `input`), not a `function_call`
+
+
+@dataclass(frozen=True)
+class OfferedTool:
+    spec: ToolSpec  # as the prompt shows it (a namespaced tool under its qualified name)
+    target: CallTarget
+    param: str  # where it sits in the request, for errors
+    tool: FunctionTool | CustomTool
 
 
 @dataclass(frozen=True)
 class ToolPlan:
     tools: list[ToolSpec]  # offered in the prompt
-    grammar: str | None  # set when a call is forced (`required`, or a named function)
+    grammar: str | None  # set when a call is forced (`required`, or a named tool)
     parser: OutputParser
-    namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)  # qualified name -> (namespace, name)
+    targets: dict[str, CallTarget] = field(default_factory=dict)  # by the name the prompt offers
+    raw_input: bool = False  # a forced custom tool: the output is its input, not JSON arguments
 
     @classmethod
     def none(cls) -> ToolPlan:
@@ -67,7 +89,7 @@ def unserved_tools(body: CreateResponseRequest) -> list[str]:
 
 def plan_tools(body: CreateResponseRequest, grammars: GrammarCompiler, parser_name: ToolParserName) -> ToolPlan:
     # Hosted tools (image_generation) are not offered to the text model: a forced one never gets here.
-    offered = _functions(body)
+    offered = _offered_tools(body)
     choice = body.tool_choice or "auto"
     if isinstance(choice, UnservedToolChoice):
         raise InvalidRequestError(
@@ -79,18 +101,10 @@ def plan_tools(body: CreateResponseRequest, grammars: GrammarCompiler, parser_na
         choice = choice.mode
     if not offered or choice == "none":
         return ToolPlan.none()
-    specs = [function.spec for function in offered]
-    namespaced = {f.spec.name: (f.namespace, f.name) for f in offered if f.namespace is not None}
-    if isinstance(choice, FunctionToolChoice):
-        function = next((f for f in offered if choice.name in (f.name, f.spec.name)), None)
-        if function is None:
-            raise InvalidRequestError(
-                f"tool_choice names the function '{choice.name}', which is not in 'tools'.", param="tool_choice.name"
-            )
-        # Forced: the output is exactly this function's arguments, streamed as argument deltas.
-        grammar = _compile(grammars, function.spec.parameters, function.param)
-        parser = ForcedArgumentsParser(function.spec.name)
-        return ToolPlan(tools=[function.spec], grammar=grammar, parser=parser, namespaced=namespaced)
+    specs = [tool.spec for tool in offered]
+    targets = {tool.spec.name: tool.target for tool in offered}
+    if isinstance(choice, FunctionToolChoice | CustomToolChoice):
+        return _forced(offered, choice, grammars, targets)
     if choice == "required":
         one_of = [
             {
@@ -103,35 +117,67 @@ def plan_tools(body: CreateResponseRequest, grammars: GrammarCompiler, parser_na
         ]
         schema = one_of[0] if len(one_of) == 1 else {"anyOf": one_of}
         grammar = _compile(grammars, schema, "tools")
-        return ToolPlan(tools=specs, grammar=grammar, parser=JsonToolParser(), namespaced=namespaced)
+        return ToolPlan(tools=specs, grammar=grammar, parser=JsonToolParser(), targets=targets)
     parser = JsonToolParser() if parser_name == "json" else HermesToolParser()
-    return ToolPlan(tools=specs, grammar=None, parser=parser, namespaced=namespaced)
+    return ToolPlan(tools=specs, grammar=None, parser=parser, targets=targets)
 
 
-def _functions(body: CreateResponseRequest) -> list[OfferedFunction]:
-    """Every function the model may call: top-level ones, then those inside namespaces, in request order."""
+def _forced(
+    offered: list[OfferedTool],
+    choice: FunctionToolChoice | CustomToolChoice,
+    grammars: GrammarCompiler,
+    targets: dict[str, CallTarget],
+) -> ToolPlan:
+    """One named tool, forced: the output is its arguments (a function) or its input (a custom tool),
+    streamed as deltas of the call."""
+    kind = FunctionTool if isinstance(choice, FunctionToolChoice) else CustomTool
+    tool = next((t for t in offered if isinstance(t.tool, kind) and choice.name in (t.target.name, t.spec.name)), None)
+    if tool is None:
+        raise InvalidRequestError(
+            f"tool_choice names the {choice.type} tool '{choice.name}', which is not in 'tools'.",
+            param="tool_choice.name",
+        )
+    parser = ForcedArgumentsParser(tool.spec.name)
+    if isinstance(tool.tool, FunctionTool):
+        grammar = _compile(grammars, tool.spec.parameters, f"{tool.param}.parameters")
+        return ToolPlan(tools=[tool.spec], grammar=grammar, parser=parser, targets=targets)
+    text_format = tool.tool.format
+    grammar = None
+    if isinstance(text_format, CustomGrammarFormat):
+        param = f"{tool.param}.format.definition"
+        try:
+            grammar = grammars.text_grammar(text_format.syntax, text_format.definition)
+        except InvalidGrammar as exc:
+            raise InvalidRequestError(f"Invalid {text_format.syntax} grammar in '{param}': {exc}", param=param) from exc
+    return ToolPlan(tools=[tool.spec], grammar=grammar, parser=parser, targets=targets, raw_input=True)
+
+
+def _offered_tools(body: CreateResponseRequest) -> list[OfferedTool]:
+    """Every tool the model may call: top-level ones, and those inside namespaces, in request order."""
     offered = []
     for index, tool in enumerate(body.tools or []):
-        if isinstance(tool, FunctionTool):
-            offered.append(_offered(tool, None, f"tools[{index}].parameters"))
+        if isinstance(tool, FunctionTool | CustomTool):
+            offered.append(_offered(tool, None, f"tools[{index}]"))
         elif isinstance(tool, NamespaceTool):
-            for inner, member in enumerate(tool.tools):
-                if isinstance(member, FunctionTool):
-                    offered.append(_offered(member, tool, f"tools[{index}].tools[{inner}].parameters"))
+            offered.extend(
+                _offered(member, tool, f"tools[{index}].tools[{inner}]") for inner, member in enumerate(tool.tools)
+            )
     return offered
 
 
-def _offered(tool: FunctionTool, namespace: NamespaceTool | None, param: str) -> OfferedFunction:
+def _offered(tool: FunctionTool | CustomTool, namespace: NamespaceTool | None, param: str) -> OfferedTool:
     description = tool.description
     if namespace is not None and namespace.description:
         description = f"{namespace.description} {description or ''}".strip()
-    name = qualified_name(namespace.name if namespace else None, tool.name)
-    spec = ToolSpec(name=name, description=description, parameters=tool.parameters or dict(_ANY_OBJECT))
-    return OfferedFunction(spec=spec, namespace=namespace.name if namespace else None, name=tool.name, param=param)
+    namespace_name = namespace.name if namespace else None
+    parameters = dict(_CUSTOM_INPUT) if isinstance(tool, CustomTool) else tool.parameters or dict(_ANY_OBJECT)
+    spec = ToolSpec(name=qualified_name(namespace_name, tool.name), description=description, parameters=parameters)
+    target = CallTarget(name=tool.name, namespace=namespace_name, custom=isinstance(tool, CustomTool))
+    return OfferedTool(spec=spec, target=target, param=param, tool=tool)
 
 
-def _allowed(offered: list[OfferedFunction], choice: AllowedToolsChoice) -> list[OfferedFunction]:
-    names = {f.name for f in offered} | {f.spec.name for f in offered}
+def _allowed(offered: list[OfferedTool], choice: AllowedToolsChoice) -> list[OfferedTool]:
+    names = {t.target.name for t in offered} | {t.spec.name for t in offered}
     for index, ref in enumerate(choice.tools):
         if ref.name not in names:
             raise InvalidRequestError(
@@ -139,7 +185,7 @@ def _allowed(offered: list[OfferedFunction], choice: AllowedToolsChoice) -> list
                 param=f"tool_choice.tools[{index}].name",
             )
     allowed = {ref.name for ref in choice.tools}
-    return [f for f in offered if f.name in allowed or f.spec.name in allowed]
+    return [t for t in offered if t.target.name in allowed or t.spec.name in allowed]
 
 
 def _compile(grammars: GrammarCompiler, schema: dict[str, Any], param: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import llguidance
 import llguidance.hf
@@ -41,6 +41,20 @@ class GrammarCompiler:
     def json_schema(self, schema: dict[str, Any]) -> str:
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_LAYOUT)
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise InvalidGrammar(str(exc)) from exc
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if error:
+            raise InvalidGrammar(error)
+        return grammar
+
+    def text_grammar(self, syntax: Literal["lark", "regex"], definition: str) -> str:
+        """A Lark grammar (llguidance's dialect) or a regular expression the whole output must match."""
+        try:
+            if syntax == "lark":
+                grammar = llguidance.LLMatcher.grammar_from_lark(definition)
+            else:
+                grammar = llguidance.LLMatcher.grammar_from_regex(definition)
         except (ValueError, RuntimeError, TypeError) as exc:
             raise InvalidGrammar(str(exc)) from exc
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)

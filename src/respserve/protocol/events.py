@@ -109,6 +109,20 @@ class FunctionCallArgumentsDoneEvent(StreamEvent):
     arguments: str
 
 
+class CustomToolCallInputDeltaEvent(StreamEvent):
+    type: Literal["response.custom_tool_call_input.delta"] = "response.custom_tool_call_input.delta"
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class CustomToolCallInputDoneEvent(StreamEvent):
+    type: Literal["response.custom_tool_call_input.done"] = "response.custom_tool_call_input.done"
+    item_id: str
+    output_index: int
+    input: str
+
+
 class ReasoningTextDeltaEvent(StreamEvent):
     type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
     item_id: str

@@ -53,6 +53,26 @@ class FunctionCallOutputInput(WireModel):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
+class CustomToolCallInput(WireModel):
+    """A custom tool call the model made earlier, sent back as input."""
+
+    type: Literal["custom_tool_call"] = "custom_tool_call"
+    id: str | None = None
+    call_id: str
+    namespace: str | None = None
+    name: str
+    input: str
+
+
+class CustomToolCallOutputInput(WireModel):
+    """What the caller's custom tool returned for `call_id`."""
+
+    type: Literal["custom_tool_call_output"] = "custom_tool_call_output"
+    id: str | None = None
+    call_id: str
+    output: str | list[InputContent]
+
+
 class ReasoningInput(WireModel):
     """Earlier reasoning sent back (the Agents SDK does): accepted, and left out of the prompt, as chat
     templates drop the thoughts of earlier turns."""
@@ -91,6 +111,8 @@ InputItem = Annotated[
     | Annotated[AssistantInputMessage, Tag("message:assistant")]
     | Annotated[FunctionCallInput, Tag("function_call")]
     | Annotated[FunctionCallOutputInput, Tag("function_call_output")]
+    | Annotated[CustomToolCallInput, Tag("custom_tool_call")]
+    | Annotated[CustomToolCallOutputInput, Tag("custom_tool_call_output")]
     | Annotated[ReasoningInput, Tag("reasoning")]
     | Annotated[ImageGenerationCall, Tag("image_generation_call")],
     Discriminator(_item_tag, custom_error_type="invalid_item", custom_error_message="unsupported input item"),
@@ -130,6 +152,17 @@ class FunctionCallItem(_OptionalKeys):
     status: MessageStatus
 
 
+class CustomToolCallItem(_OptionalKeys):
+    _optional = ("namespace",)
+    type: Literal["custom_tool_call"] = "custom_tool_call"
+    id: str
+    call_id: str
+    namespace: str | None = None
+    name: str
+    input: str
+    status: MessageStatus
+
+
 class ReasoningItem(_OptionalKeys):
     _optional = ("encrypted_content",)
     type: Literal["reasoning"] = "reasoning"
@@ -140,5 +173,6 @@ class ReasoningItem(_OptionalKeys):
 
 
 OutputItem = Annotated[
-    OutputMessage | FunctionCallItem | ReasoningItem | ImageGenerationCall, Field(discriminator="type")
+    OutputMessage | FunctionCallItem | CustomToolCallItem | ReasoningItem | ImageGenerationCall,
+    Field(discriminator="type"),
 ]

@@ -36,7 +36,6 @@ class ImageGenerationTool(WireModel):
 
 
 UnservedToolType = Literal[
-    "custom",
     "mcp",
     "web_search",
     "web_search_2025_08_26",
@@ -62,12 +61,36 @@ class UnservedTool(WireModel):
     type: UnservedToolType
 
 
+class CustomTextFormat(WireModel):
+    type: Literal["text"] = "text"
+
+
+class CustomGrammarFormat(WireModel):
+    type: Literal["grammar"] = "grammar"
+    syntax: Literal["lark", "regex"]
+    definition: str = Field(min_length=1)
+
+
+class CustomTool(WireModel):
+    """A tool whose input is free text (`format` text, the default) or text a grammar allows. Its call is a
+    `custom_tool_call` item carrying `input`; when forced by `tool_choice`, the grammar constrains decoding."""
+
+    type: Literal["custom"] = "custom"
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
+    description: str | None = None
+    format: Annotated[CustomTextFormat | CustomGrammarFormat, Field(discriminator="type")] | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 def qualified_name(namespace: str | None, name: str) -> str:
     """The name a function of a namespace is offered to the model under (and read back from its calls)."""
     return f"{namespace}.{name}" if namespace else name
 
 
-NamespaceMember = Annotated[FunctionTool | UnservedTool, Field(discriminator="type")]
+NamespaceMember = Annotated[FunctionTool | CustomTool, Field(discriminator="type")]
 
 
 class NamespaceTool(WireModel):
@@ -87,11 +110,18 @@ class NamespaceTool(WireModel):
         return data
 
 
-Tool = Annotated[FunctionTool | ImageGenerationTool | NamespaceTool | UnservedTool, Field(discriminator="type")]
+Tool = Annotated[
+    FunctionTool | CustomTool | ImageGenerationTool | NamespaceTool | UnservedTool, Field(discriminator="type")
+]
 
 
 class FunctionToolChoice(WireModel):
     type: Literal["function"] = "function"
+    name: str
+
+
+class CustomToolChoice(WireModel):
+    type: Literal["custom"] = "custom"
     name: str
 
 
@@ -114,7 +144,6 @@ class UnservedToolChoice(WireModel):
         "computer_use_preview",
         "code_interpreter",
         "mcp",
-        "custom",
         "apply_patch",
         "shell",
         "programmatic_tool_calling",
@@ -135,6 +164,7 @@ class AllowedToolsChoice(WireModel):
 ToolChoice = (
     Literal["none", "auto", "required"]
     | Annotated[
-        FunctionToolChoice | HostedToolChoice | AllowedToolsChoice | UnservedToolChoice, Field(discriminator="type")
+        FunctionToolChoice | CustomToolChoice | HostedToolChoice | AllowedToolsChoice | UnservedToolChoice,
+        Field(discriminator="type"),
     ]
 )

@@ -149,7 +149,13 @@ async def _plan(
     sealer = state.reasoning_sealer if ENCRYPTED_REASONING in (body.include or []) else None
     summarize = body.reasoning is not None and body.reasoning.summary is not None
     converter = ResponseConverter(
-        resource, parser, max_calls, tool_plan.namespaced, sealer.seal if sealer else None, summarize
+        resource,
+        parser,
+        max_calls,
+        tool_plan.targets,
+        tool_plan.raw_input,
+        sealer.seal if sealer else None,
+        summarize,
     )
     return _Work(served.worker, generation, converter)
 
