@@ -7,17 +7,22 @@ import signal
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import RunningServer, free_port, long_job, spawn_server, start_server, stop_server, wait_for
 
 from respserve.config import load_settings
 
 
-def _start(data_dir: Path):
-    return start_server(load_settings(port=free_port(), data_dir=str(data_dir)))
+def _start(data_dir: Path, store: str | None = None):
+    return start_server(load_settings(port=free_port(), data_dir=str(data_dir), store=store))
 
 
-def test_graceful_restart_keeps_everything_and_fails_unfinished_jobs(tmp_path: Path, server: RunningServer) -> None:
-    uv_server, thread, running = _start(tmp_path)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_graceful_restart_keeps_everything_and_fails_unfinished_jobs(
+    tmp_path: Path, server: RunningServer, backend: str, request: pytest.FixtureRequest
+) -> None:
+    store = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    uv_server, thread, running = _start(tmp_path, store)
     with httpx.Client(base_url=running.base_url, timeout=120) as client:
         created = client.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 16}).json()
         conversation = client.post(
@@ -27,7 +32,7 @@ def test_graceful_restart_keeps_everything_and_fails_unfinished_jobs(tmp_path: P
         assert background["status"] == "queued"
     stop_server(uv_server, thread)
 
-    uv_server, thread, running = _start(tmp_path)
+    uv_server, thread, running = _start(tmp_path, store)
     try:
         with httpx.Client(base_url=running.base_url, timeout=120) as client:
             assert client.get(f"/v1/responses/{created['id']}").json() == created

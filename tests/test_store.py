@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -12,13 +13,39 @@ import pytest
 from conftest import (
     OpenResponsesSchema,
     RunningServer,
+    free_port,
     long_job,
     never_ends,
     parse_sse,
     prompt_tokens,
     sdk_kwargs,
+    start_server,
+    stop_server,
     wait_for,
 )
+
+from respserve.config import load_settings
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Every test here runs on both stores: SQLite in a data dir, and a fresh schema in PostgreSQL."""
+    store = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    data_dir = tmp_path_factory.mktemp(f"store-{request.param}")
+    uv_server, thread, running = start_server(load_settings(port=free_port(), data_dir=str(data_dir), store=store))
+    yield running
+    stop_server(uv_server, thread)
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="test", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        yield client
 
 
 def _create(client: openai.OpenAI, server: RunningServer, **kwargs):

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
         default_factory=lambda: Path(user_data_dir("respserve")),
         description="Where the store (SQLite) keeps responses and conversations.",
     )
+    store: str | None = Field(
+        default=None,
+        description="A postgresql:// URL shared by replicas; none: SQLite in the data dir (`RESPSERVE_STORE`).",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Keys accepted as 'Authorization: Bearer'; none: no auth. Env: comma-separated.",

@@ -60,7 +60,7 @@ def load_image_models(settings: Settings) -> list[ServedImageModel]:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    store = open_store(settings.data_dir)
+    store = open_store(settings.data_dir, settings.store)
     metrics = Metrics()
     sealer = ReasoningSealer.from_settings(settings.secret_key, settings.data_dir)
     state = AppState(

@@ -1,7 +1,8 @@
-"""State that outlives a request: stored responses, their items and events, conversations.
+"""State that outlives a request: stored responses, their items and events, conversations, images.
 
-Everything outside this package talks to `ResponseStore`, obtained from `open_store`; only `sqlite.py`
-knows the backend.
+Everything outside this package talks to `ResponseStore`, obtained from `open_store`. The logic is written
+once (sql_store.py) over two backends: SQLite, embedded (the default), and PostgreSQL, which several
+replicas share.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from pathlib import Path
 from respserve.store.base import ResponseStore
 
 
-def open_store(data_dir: Path) -> ResponseStore:
-    """The embedded default: one SQLite file in the data directory."""
-    from respserve.store.sqlite import SqliteResponseStore
+def open_store(data_dir: Path, url: str | None = None) -> ResponseStore:
+    """PostgreSQL when `url` is a `postgresql://` URL, else one SQLite file in the data directory."""
+    if url and url.startswith(("postgresql://", "postgres://")):
+        from respserve.store.postgres import open_postgres_store
 
-    return SqliteResponseStore(data_dir / "respserve.db")
+        return open_postgres_store(url)
+    from respserve.store.sqlite import open_sqlite_store
+
+    return open_sqlite_store(data_dir / "respserve.db")

@@ -1,0 +1,124 @@
+"""The shared backend: PostgreSQL through psycopg 3 and its connection pool, for replicas that share state.
+
+The schema is versioned in `respserve_schema`; each start applies the migrations it lacks, under an
+advisory lock, so replicas starting together migrate once. The store's SQL (sql_store.py) is written with
+`?` placeholders; this backend hands psycopg `%s` ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from psycopg import Cursor
+from psycopg_pool import ConnectionPool
+
+from respserve.store.sql_store import Row, SqlBackend, SqlResponseStore, split_statements
+
+# Each entry migrates the schema from version i to i + 1; append, never edit.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        owner TEXT,
+        previous_response_id TEXT,
+        status TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        resource TEXT NOT NULL
+    );
+    CREATE INDEX responses_unfinished ON responses (status) WHERE status IN ('queued', 'in_progress');
+    CREATE TABLE response_items (
+        response_id TEXT NOT NULL REFERENCES responses(id) ON DELETE CASCADE,
+        kind SMALLINT NOT NULL,  -- 0: input, 1: output
+        position INTEGER NOT NULL,
+        item_id TEXT NOT NULL,
+        item TEXT NOT NULL,
+        PRIMARY KEY (response_id, kind, position)
+    );
+    CREATE TABLE response_events (
+        response_id TEXT NOT NULL REFERENCES responses(id) ON DELETE CASCADE,
+        sequence_number INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        PRIMARY KEY (response_id, sequence_number)
+    );
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        owner TEXT,
+        created_at BIGINT NOT NULL,
+        metadata TEXT NOT NULL
+    );
+    CREATE TABLE conversation_items (
+        position BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        item_id TEXT NOT NULL,
+        item TEXT NOT NULL
+    );
+    CREATE INDEX conversation_items_by_conversation ON conversation_items (conversation_id, position);
+    CREATE UNIQUE INDEX conversation_items_by_id ON conversation_items (conversation_id, item_id);
+    CREATE TABLE images (
+        id TEXT PRIMARY KEY,
+        response_id TEXT NOT NULL,  -- no foreign key: an unstored response's images are kept too
+        owner TEXT,
+        media_type TEXT NOT NULL,
+        data BYTEA NOT NULL
+    );
+    CREATE INDEX images_by_response ON images (response_id);
+    """,
+]
+_MIGRATION_LOCK = 0x7265737073  # any constant shared by every replica ("resps")
+
+
+class _QmarkCursor:
+    """A psycopg cursor that takes the store's `?` placeholders."""
+
+    def __init__(self, cursor: Cursor[Row]) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _QmarkCursor:
+        self._cursor.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+        return self
+
+    def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> _QmarkCursor:
+        self._cursor.executemany(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+        return self
+
+    def fetchone(self) -> Row | None:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Row]:
+        return self._cursor.fetchall()
+
+
+class PostgresBackend(SqlBackend):
+    def __init__(self, url: str, max_connections: int = 8) -> None:
+        self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True)
+        self._pool.wait(timeout=30)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self.transaction() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+            cursor.execute("CREATE TABLE IF NOT EXISTS respserve_schema (version INTEGER NOT NULL)")
+            row = cursor.execute("SELECT max(version) FROM respserve_schema").fetchone()
+            version = row[0] if row and row[0] is not None else 0
+            for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in split_statements(script):
+                    cursor.execute(statement)
+                cursor.execute("INSERT INTO respserve_schema (version) VALUES (?)", (target,))
+
+    @contextmanager
+    def transaction(self) -> Iterator[_QmarkCursor]:
+        with self._pool.connection() as connection, connection.transaction(), connection.cursor() as cursor:
+            yield _QmarkCursor(cursor)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def open_postgres_store(url: str) -> SqlResponseStore:
+    return SqlResponseStore(PostgresBackend(url))
