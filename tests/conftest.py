@@ -273,8 +273,14 @@ class OpenResponsesSchema:
             return {"$ref": f"#/components/schemas/{name}"}
 
         schemas["ItemField"]["oneOf"].append(take("ImageGenToolCall"))
-        schemas["ItemField"]["oneOf"].append(take("CustomToolCall"))
-        for name in ("ResponseCustomToolCallInputDeltaEvent", "ResponseCustomToolCallInputDoneEvent"):
+        for item in ("CustomToolCall", "MCPListTools", "MCPToolCall", "MCPApprovalRequest"):
+            schemas["ItemField"]["oneOf"].append(take(item))
+        schemas["ResponseResource"]["properties"]["tool_choice"]["oneOf"].append(take("ToolChoiceMCP"))
+        events = ["ResponseCustomToolCallInputDeltaEvent", "ResponseCustomToolCallInputDoneEvent"]
+        events += [f"ResponseMCPCall{name}Event" for name in ("InProgress", "Completed", "Failed")]
+        events += ["ResponseMCPCallArgumentsDeltaEvent", "ResponseMCPCallArgumentsDoneEvent"]
+        events += [f"ResponseMCPListTools{name}Event" for name in ("InProgress", "Completed", "Failed")]
+        for name in events:
             take(name)
             self._event_schemas[schemas[name]["properties"]["type"]["enum"][0]] = name
         # Every member of OpenAI's `Tool` union is accepted and echoed (most are not offered to the model).

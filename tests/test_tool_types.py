@@ -30,7 +30,6 @@ AGENTS = {
 }
 UNSERVED = [
     {"type": "web_search", "external_web_access": False},
-    {"type": "mcp", "server_label": "docs", "server_url": "http://127.0.0.1:1/mcp"},
     {"type": "file_search", "vector_store_ids": ["vs_1"]},
     {"type": "code_interpreter", "container": {"type": "auto"}},
     {"type": "local_shell"},
@@ -52,7 +51,7 @@ def test_codex_tool_list_is_served_and_unserved_tools_are_named(
     schema.response(body)
     assert [tool["type"] for tool in body["tools"]] == ["function", "namespace", *(t["type"] for t in UNSERVED)]
     assert body["tools"][2] == UNSERVED[0]  # echoed as sent
-    expected = "web_search, mcp, file_search, code_interpreter, local_shell, shell, apply_patch, tool_search"
+    expected = "web_search, file_search, code_interpreter, local_shell, shell, apply_patch, tool_search"
     assert response.headers["x-respserve-unserved-tools"] == expected
     # The functions (the namespaced one too) are in the prompt; the unserved tools add nothing to it.
     assert functions_only["usage"]["input_tokens"] > plain["usage"]["input_tokens"] + 50
@@ -104,7 +103,6 @@ def test_plain_function_calls_have_no_namespace_key(http: httpx.Client) -> None:
     [
         {"type": "web_search_preview"},
         {"type": "file_search"},
-        {"type": "mcp", "server_label": "docs"},
         {"type": "shell"},
     ],
 )

@@ -16,13 +16,18 @@ from respserve.protocol.items import (
     FunctionCallOutputInput,
     ImageGenerationCall,
     InputItem,
+    McpApprovalRequestInput,
+    McpApprovalResponseInput,
+    McpCallInput,
+    McpListToolsInput,
     ReasoningInput,
 )
 from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.tools import qualified_name
 
-# Earlier thoughts (chat templates drop them) and generated images (a text model cannot read them).
-_LEFT_OUT = (ReasoningInput, ImageGenerationCall)
+# Earlier thoughts (chat templates drop them), generated images (a text model cannot read them), and MCP
+# bookkeeping (tool listings, approval requests and answers; the calls themselves are rendered).
+_LEFT_OUT = (ReasoningInput, ImageGenerationCall, McpListToolsInput, McpApprovalRequestInput, McpApprovalResponseInput)
 
 # Open chat templates know `system`, not OpenAI's `developer`: both carry the same authority.
 _TEMPLATE_ROLES = {"developer": "system"}
@@ -36,14 +41,14 @@ def build_chat_messages(
     if request.instructions:
         messages.append(ChatMessage(role="system", content=request.instructions))
     for item in context:
-        if not isinstance(item, _LEFT_OUT):
-            _append(messages, _message(item, "input", model, accepts_images))
+        for message in _messages(item, "input", model, accepts_images):
+            _append(messages, message)
     if isinstance(request.input, str):
         messages.append(ChatMessage(role="user", content=request.input))
     else:
         for index, item in enumerate(request.input):
-            if not isinstance(item, _LEFT_OUT):
-                _append(messages, _message(item, f"input[{index}]", model, accepts_images))
+            for message in _messages(item, f"input[{index}]", model, accepts_images):
+                _append(messages, message)
     if not any(message.role != "system" for message in messages):
         raise InvalidRequestError("'input' must hold at least one user or assistant message.", param="input")
     return messages
@@ -56,6 +61,20 @@ def _append(messages: list[ChatMessage], message: ChatMessage) -> None:
         messages[-1] = replace(previous, tool_calls=previous.tool_calls + message.tool_calls)
     else:
         messages.append(message)
+
+
+def _messages(item: InputItem, param: str, model: str, accepts_images: bool) -> list[ChatMessage]:
+    if isinstance(item, _LEFT_OUT):
+        return []
+    if isinstance(item, McpCallInput):  # a call the server ran: the call, then what it returned
+        name = qualified_name(item.server_label, item.name)
+        call = ToolCallTurn(call_id=item.id or item.name, name=name, arguments=item.arguments)
+        result = item.output if item.output is not None else f"Error: {item.error}"
+        return [
+            ChatMessage(role="assistant", content="", tool_calls=(call,)),
+            ChatMessage(role="tool", content=result, tool_call_id=call.call_id),
+        ]
+    return [_message(item, param, model, accepts_images)]
 
 
 def _message(item: InputItem, param: str, model: str, accepts_images: bool) -> ChatMessage:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 from respserve.api.output_parsers import (
     CallArguments,
@@ -28,6 +29,14 @@ from respserve.protocol.events import (
     CustomToolCallInputDoneEvent,
     FunctionCallArgumentsDeltaEvent,
     FunctionCallArgumentsDoneEvent,
+    McpCallArgumentsDeltaEvent,
+    McpCallArgumentsDoneEvent,
+    McpCallCompletedEvent,
+    McpCallFailedEvent,
+    McpCallInProgressEvent,
+    McpListToolsCompletedEvent,
+    McpListToolsFailedEvent,
+    McpListToolsInProgressEvent,
     OutputItemAddedEvent,
     OutputItemDoneEvent,
     OutputTextDeltaEvent,
@@ -37,12 +46,21 @@ from respserve.protocol.events import (
     StreamEvent,
 )
 from respserve.protocol.ids import new_id
-from respserve.protocol.items import CustomToolCallItem, FunctionCallItem, MessageStatus, OutputMessage, ReasoningItem
+from respserve.protocol.items import (
+    CustomToolCallItem,
+    FunctionCallItem,
+    McpApprovalRequestItem,
+    McpCallItem,
+    McpListToolsItem,
+    MessageStatus,
+    OutputItem,
+    OutputMessage,
+    ReasoningItem,
+)
 from respserve.protocol.response import (
     IncompleteDetails,
-    InputTokensDetails,
-    OutputTokensDetails,
     ResponseResource,
+    ResponseStatus,
     Usage,
 )
 
@@ -72,20 +90,27 @@ class ResponseConverter(ResponseEvents):
         raw_input: bool = False,
         seal_reasoning: Callable[[str], str] | None = None,
         summarize_reasoning: bool = False,
+        multi_turn: bool = False,
     ) -> None:
         super().__init__(resource)
+        # With MCP tools a response spans several generations (turns); the runner calls `finish` after the
+        # last one. Otherwise the first generation's end is the response's.
+        self._multi_turn = multi_turn
+        self._usage = Usage(input_tokens=0, output_tokens=0, total_tokens=0)
+        self._last_status: ResponseStatus = "completed"
+        self._last_error: str | None = None
         self._seal_reasoning = seal_reasoning  # set when the request includes reasoning.encrypted_content
         self._summarize_reasoning = summarize_reasoning  # `reasoning.summary` was asked for
         self._parser = parser or OutputParser()
         self._max_tool_calls = max_tool_calls
         self._targets = targets or {}  # what a call under an offered name is on the wire
         self._raw_input = raw_input  # a forced custom tool: the output is its input as it streams
-        self._items: list[OutputMessage | FunctionCallItem] = []
+        self._items: list[OutputItem] = []
         self._message: OutputMessage | None = None
         self._text: list[str] = []
         self._logprobs: list[LogProb] = []
         self._pending_logprobs: list[LogProb] = []  # tokens whose text is still held back
-        self._call: FunctionCallItem | CustomToolCallItem | None = None
+        self._call: FunctionCallItem | CustomToolCallItem | McpCallItem | McpApprovalRequestItem | None = None
         self._arguments: list[str] = []
         self._reasoning: ReasoningItem | None = None
         self._reasoning_text: list[str] = []
@@ -102,8 +127,14 @@ class ResponseConverter(ResponseEvents):
         if output.final_status.is_done:
             for segment in self._parser.finish():
                 events.extend(self._apply(segment))
-            events.extend(self._finish(output))
+            events.extend(self._end_turn(output))
+            if not self._multi_turn:
+                events.extend(self.finish())
         return events
+
+    def next_turn(self, parser: OutputParser, targets: dict[str, CallTarget]) -> None:
+        """The next generation of a multi-turn response: its parser and offered tools."""
+        self._parser, self._targets, self._raw_input = parser, targets, False
 
     # ---- segments ------------------------------------------------------------------------------------------
     def _apply(self, segment: Segment) -> list[StreamEvent]:
@@ -208,26 +239,42 @@ class ResponseConverter(ResponseEvents):
             return events
         target = self._targets.get(name, CallTarget(name=name))
         ids = {"call_id": new_id("call"), "namespace": target.namespace, "name": target.name, "status": "in_progress"}
-        if target.custom:
+        if target.kind == "mcp":
+            self._call = self._mcp_call(target)
+        elif target.kind == "custom":
             self._call = CustomToolCallItem(id=new_id("ctc"), input="", **ids)
         else:
             self._call = FunctionCallItem(id=new_id("fc"), arguments="", **ids)
         self._items.append(self._call)
         self._arguments = []
         events.append(self._event(OutputItemAddedEvent(output_index=self._index, item=self._call.model_copy())))
+        if isinstance(self._call, McpCallItem):
+            events.append(self._event(McpCallInProgressEvent(item_id=self._call.id, output_index=self._index)))
         return events
+
+    @staticmethod
+    def _mcp_call(target: CallTarget) -> McpCallItem | McpApprovalRequestItem:
+        """A call to an MCP tool: run by the server after this turn, or, if the tool needs approval, a request
+        for it that ends the response."""
+        label = target.server_label or ""
+        if target.needs_approval:
+            return McpApprovalRequestItem(id=new_id("mcpr"), server_label=label, name=target.name, arguments="")
+        return McpCallItem(id=new_id("mcp"), server_label=label, name=target.name, arguments="", status="in_progress")
 
     def _call_delta(self, delta: str) -> list[StreamEvent]:
         call = self._call
         if call is None:
             return []
         self._arguments.append(delta)
+        where = {"item_id": call.id, "output_index": self._index}
         if isinstance(call, FunctionCallItem):
-            return [
-                self._event(FunctionCallArgumentsDeltaEvent(item_id=call.id, output_index=self._index, delta=delta))
-            ]
+            return [self._event(FunctionCallArgumentsDeltaEvent(**where, delta=delta))]
+        if isinstance(call, McpCallItem):
+            return [self._event(McpCallArgumentsDeltaEvent(**where, delta=delta))]
+        if isinstance(call, McpApprovalRequestItem):
+            return []
         if self._raw_input:
-            return [self._event(CustomToolCallInputDeltaEvent(item_id=call.id, output_index=self._index, delta=delta))]
+            return [self._event(CustomToolCallInputDeltaEvent(**where, delta=delta))]
         return []  # JSON `{"input": ...}` from a parsed call: its input is known at the end
 
     def _close_call(self, status: MessageStatus) -> list[StreamEvent]:
@@ -236,8 +283,14 @@ class ResponseConverter(ResponseEvents):
             return []
         self._call = None
         index = self._items.index(call)
-        call.status = status
         written = "".join(self._arguments)
+        if isinstance(call, McpApprovalRequestItem):
+            call.arguments = written
+            return [self._event(OutputItemDoneEvent(output_index=index, item=call.model_copy()))]
+        if isinstance(call, McpCallItem):  # stays in progress: the runner runs it, then closes it
+            call.arguments = written
+            return [self._event(McpCallArgumentsDoneEvent(item_id=call.id, output_index=index, arguments=written))]
+        call.status = status
         if isinstance(call, FunctionCallItem):
             call.arguments = written
             done: StreamEvent = FunctionCallArgumentsDoneEvent(
@@ -255,25 +308,85 @@ class ResponseConverter(ResponseEvents):
         return events
 
     # ---- the end ---------------------------------------------------------------------------------------------
-    def _finish(self, output: GenerationOutput) -> list[StreamEvent]:
+    def _end_turn(self, output: GenerationOutput) -> list[StreamEvent]:
+        """Closes what this generation left open and adds its tokens to the response's usage."""
         status = FINAL_STATUS[output.final_status]
         item_status: MessageStatus = "completed" if status == "completed" else "incomplete"
-        events = self._close_reasoning() + self._close_call(item_status)
-        if not any(isinstance(item, OutputMessage | FunctionCallItem | CustomToolCallItem) for item in self._items):
+        events = self._close_reasoning() + self._close_call(item_status) + self._close_message(item_status)
+        usage = self._usage
+        usage.input_tokens += output.prompt_tokens
+        usage.input_tokens_details.cached_tokens += output.cached_tokens
+        usage.output_tokens += output.output_tokens
+        usage.total_tokens = usage.input_tokens + usage.output_tokens
+        self._last_status, self._last_error = status, output.error
+        return events
+
+    @property
+    def last_turn_completed(self) -> bool:
+        return self._last_status == "completed"
+
+    def finish(self) -> list[StreamEvent]:
+        """Ends the response with the last generation's status."""
+        events: list[StreamEvent] = []
+        if not any(isinstance(item, _ANSWERS) for item in self._items):
+            item_status: MessageStatus = "completed" if self._last_status == "completed" else "incomplete"
             events.extend(self._open_message())  # an empty answer is still one (empty) message
-        events.extend(self._close_message(item_status))
+            events.extend(self._close_message(item_status))
         resource = self.resource
         resource.output = list(self._items)
-        resource.usage = Usage(
-            input_tokens=output.prompt_tokens,
-            input_tokens_details=InputTokensDetails(cached_tokens=output.cached_tokens),
-            output_tokens=output.output_tokens,
-            output_tokens_details=OutputTokensDetails(reasoning_tokens=self._reasoning_tokens),
-            total_tokens=output.prompt_tokens + output.output_tokens,
-        )
-        if status == "incomplete":
+        self._usage.output_tokens_details.reasoning_tokens = self._reasoning_tokens
+        resource.usage = self._usage
+        if self._last_status == "incomplete":
             resource.incomplete_details = IncompleteDetails(reason="max_output_tokens")
-        return events + self._end(status, output.error)
+        return events + self._end(self._last_status, self._last_error)
+
+    # ---- MCP: listings and calls the runner performs between generations --------------------------------
+    def mcp_listing(self, item: McpListToolsItem) -> list[StreamEvent]:
+        """A listing done before the first generation, told as it would have streamed."""
+        self._items.append(item)
+        index = self._index
+        where = {"item_id": item.id, "output_index": index}
+        outcome = McpListToolsFailedEvent(**where) if item.error else McpListToolsCompletedEvent(**where)
+        return [
+            self._event(OutputItemAddedEvent(output_index=index, item=item.model_copy(update={"tools": []}))),
+            self._event(McpListToolsInProgressEvent(**where)),
+            self._event(outcome),
+            self._event(OutputItemDoneEvent(output_index=index, item=item.model_copy())),
+        ]
+
+    def approved_mcp_call(self, call: McpCallItem) -> list[StreamEvent]:
+        """A call the caller approved (`mcp_approval_response`), about to run before the model goes on."""
+        self._items.append(call)
+        where = {"item_id": call.id, "output_index": self._index}
+        return [
+            self._event(OutputItemAddedEvent(output_index=self._index, item=call.model_copy())),
+            self._event(McpCallInProgressEvent(**where)),
+            self._event(McpCallArgumentsDoneEvent(**where, arguments=call.arguments)),
+        ]
+
+    def pending_mcp_calls(self) -> list[McpCallItem]:
+        return [item for item in self._items if isinstance(item, McpCallItem) and item.status == "in_progress"]
+
+    @property
+    def awaits_approval(self) -> bool:
+        return any(isinstance(item, McpApprovalRequestItem) for item in self._items)
+
+    def mcp_call_done(self, call: McpCallItem, output: str | None, error: str | None) -> list[StreamEvent]:
+        index = self._items.index(call)
+        call.output, call.status = output, "failed" if error else "completed"
+        if error:
+            call.error = {"type": "tool_execution_error", "message": error}
+        where = {"item_id": call.id, "output_index": index}
+        outcome = McpCallFailedEvent(**where) if error else McpCallCompletedEvent(**where)
+        return [self._event(outcome), self._event(OutputItemDoneEvent(output_index=index, item=call.model_copy()))]
+
+    def output_so_far(self) -> list[dict[str, Any]]:
+        """The items made so far, as the wire has them: the next generation's context."""
+        return [item.model_dump(mode="json") for item in self._items]
+
+
+# What counts as the model having answered (else the response still gets one empty message).
+_ANSWERS = (OutputMessage, FunctionCallItem, CustomToolCallItem, McpCallItem, McpApprovalRequestItem)
 
 
 def _custom_input(arguments: str) -> str:

@@ -4,6 +4,7 @@ sampling parameters, the grammar (structured output or a forced tool call) and t
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from respserve.api.chat_messages import build_chat_messages
 from respserve.api.errors import InvalidRequestError, NotFoundError
@@ -41,12 +42,16 @@ async def stored_context_items(body: CreateResponseRequest, state: AppState, own
 
 
 async def plan_generation(
-    body: CreateResponseRequest, context: list[InputItem], served: ServedModel, state: AppState
+    body: CreateResponseRequest,
+    context: list[InputItem],
+    served: ServedModel,
+    state: AppState,
+    mcp_tools: dict[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[GenerationRequest, ToolPlan]:
     pipeline = served.worker.pipeline
     messages = build_chat_messages(body, context, served.name, pipeline.accepts_images)
     # Compiling schemas (and, the first time, the grammar tokenizer) is CPU work: off the event loop.
-    plan = await asyncio.to_thread(plan_tools, body, pipeline.grammars, state.settings.tool_parser)
+    plan = await asyncio.to_thread(plan_tools, body, pipeline.grammars, state.settings.tool_parser, mcp_tools)
     grammar = plan.grammar or await asyncio.to_thread(_grammar, body, pipeline.grammars)
     prompt = await asyncio.to_thread(_render, pipeline, messages, plan.tools, body.truncation == "auto")
     room = pipeline.context_length - len(prompt)

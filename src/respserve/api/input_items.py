@@ -19,10 +19,20 @@ from respserve.protocol.items import (
     FunctionCallOutputInput,
     ImageGenerationCall,
     InputItem,
+    McpApprovalRequestInput,
+    McpApprovalResponseInput,
+    McpCallInput,
+    McpListToolsInput,
     ReasoningInput,
 )
 
 _ITEMS = TypeAdapter(list[InputItem])
+_MCP_PREFIXES = {
+    "mcp_list_tools": "mcpl",
+    "mcp_call": "mcp",
+    "mcp_approval_request": "mcpr",
+    "mcp_approval_response": "mcpa",
+}
 
 
 def stored_input_items(request_input: str | list[Any]) -> list[dict[str, Any]]:
@@ -45,6 +55,9 @@ def stored_input_items(request_input: str | list[Any]) -> list[dict[str, Any]]:
         if isinstance(item, CustomToolCallInput | CustomToolCallOutputInput):
             prefix = "ctc" if isinstance(item, CustomToolCallInput) else "ctco"
             stored.append({**data, "id": item.id or new_id(prefix)})
+            continue
+        if isinstance(item, McpListToolsInput | McpCallInput | McpApprovalRequestInput | McpApprovalResponseInput):
+            stored.append({**data, "id": item.id or new_id(_MCP_PREFIXES[item.type])})
             continue
         if isinstance(data["content"], str):
             part_type = "output_text" if isinstance(item, AssistantInputMessage) else "input_text"

@@ -11,8 +11,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from respserve.api.converter import ResponseConverter
 from respserve.api.metrics import RequestTimer
 from respserve.api.response_events import ResponseEvents
 from respserve.engine.generation import GenerationOutput
@@ -21,6 +22,9 @@ from respserve.engine.request_queue import OutputStream
 from respserve.protocol.events import StreamEvent
 from respserve.protocol.response import ResponseError, ResponseStatus
 from respserve.store.base import ResponseStore, StoredImage
+
+if TYPE_CHECKING:
+    from respserve.api.mcp import McpSession
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,10 @@ class ResponseRunner:
         outputs: OutputStream,
         persistence: Persistence | None,
         timer: RequestTimer | None = None,
+        turns: McpSession | None = None,
     ) -> None:
         self.converter = converter
+        self._turns = turns  # MCP tools: more generations may follow the first
         self._timer = timer or RequestTimer(None)
         self._outputs = outputs
         self._persistence = persistence
@@ -67,22 +73,34 @@ class ResponseRunner:
 
     async def events(self) -> AsyncIterator[StreamEvent]:
         try:
-            async with aclosing(self._outputs):
-                was_queued = self.converter.resource.status == "queued"
-                started = await self._recorded(self.converter.start())
-                if was_queued:  # a background job: whoever polls it now sees it in progress
-                    await asyncio.to_thread(self._save_resource)
-                for event in started:
+            was_queued = self.converter.resource.status == "queued"
+            started = await self._recorded(self.converter.start())
+            if was_queued:  # a background job: whoever polls it now sees it in progress
+                await asyncio.to_thread(self._save_resource)
+            for event in started:
+                yield event
+            turns = self._turns
+            if turns is not None and isinstance(self.converter, ResponseConverter):
+                for event in await self._recorded(turns.start(self.converter)):
                     yield event
-                async for output in self._outputs:
-                    if output.images:
-                        await self._keep_images(output)
-                    if output.output_tokens:
-                        self._timer.token()
-                    for event in await self._recorded(self.converter.on_output(output)):
+            outputs: OutputStream | None = self._outputs
+            while outputs is not None:
+                async with aclosing(outputs):
+                    async for output in outputs:
+                        if output.images:
+                            await self._keep_images(output)
+                        if output.output_tokens:
+                            self._timer.token()
+                        for event in await self._recorded(self.converter.on_output(output)):
+                            yield event
+                        if output.final_status.is_done:
+                            self._timer.finish(output.prompt_tokens, output.output_tokens)
+                outputs = None
+                if turns is not None and isinstance(self.converter, ResponseConverter):
+                    between, outputs = await turns.next_turn(self.converter)
+                    finished = [] if outputs is not None else self.converter.finish()
+                    for event in await self._recorded(between + finished):
                         yield event
-                    if output.final_status.is_done:
-                        self._timer.finish(output.prompt_tokens, output.output_tokens)
             self._finished = True
             await asyncio.to_thread(self._save_final)
         finally:

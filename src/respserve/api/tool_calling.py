@@ -30,6 +30,8 @@ from respserve.protocol.tools import (
     CustomToolChoice,
     FunctionTool,
     FunctionToolChoice,
+    McpTool,
+    McpToolChoice,
     NamespaceTool,
     UnservedTool,
     UnservedToolChoice,
@@ -54,7 +56,9 @@ class CallTarget:
 
     name: str
     namespace: str | None = None
-    custom: bool = False  # a `custom_tool_call` (with `input`), not a `function_call`
+    kind: Literal["function", "custom", "mcp"] = "function"  # function_call, custom_tool_call, mcp_call
+    server_label: str | None = None  # an MCP tool's server
+    needs_approval: bool = False  # an MCP tool whose call waits for the caller's approval
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class OfferedTool:
     spec: ToolSpec  # as the prompt shows it (a namespaced tool under its qualified name)
     target: CallTarget
     param: str  # where it sits in the request, for errors
-    tool: FunctionTool | CustomTool
+    tool: FunctionTool | CustomTool | None  # None for an MCP server's tool
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,15 @@ def unserved_tools(body: CreateResponseRequest) -> list[str]:
     return list(dict.fromkeys(types))
 
 
-def plan_tools(body: CreateResponseRequest, grammars: GrammarCompiler, parser_name: ToolParserName) -> ToolPlan:
+def plan_tools(
+    body: CreateResponseRequest,
+    grammars: GrammarCompiler,
+    parser_name: ToolParserName,
+    mcp_tools: dict[str, list[dict[str, Any]]] | None = None,
+) -> ToolPlan:
+    """`mcp_tools`: each MCP server's listed tools, by server label (listing is the caller's, async, work)."""
     # Hosted tools (image_generation) are not offered to the text model: a forced one never gets here.
-    offered = _offered_tools(body)
+    offered = _offered_tools(body) + _mcp_offered(body, mcp_tools or {})
     choice = body.tool_choice or "auto"
     if isinstance(choice, UnservedToolChoice):
         raise InvalidRequestError(
@@ -103,6 +113,15 @@ def plan_tools(body: CreateResponseRequest, grammars: GrammarCompiler, parser_na
         return ToolPlan.none()
     specs = [tool.spec for tool in offered]
     targets = {tool.spec.name: tool.target for tool in offered}
+    if isinstance(choice, McpToolChoice):  # any tool of that server (or the one named): a required call
+        offered = [t for t in offered if t.target.server_label == choice.server_label]
+        offered = [t for t in offered if choice.name in (None, t.target.name)]
+        if not offered:
+            raise InvalidRequestError(
+                f"tool_choice names an MCP tool that server '{choice.server_label}' does not offer.",
+                param="tool_choice",
+            )
+        specs, choice = [t.spec for t in offered], "required"
     if isinstance(choice, FunctionToolChoice | CustomToolChoice):
         return _forced(offered, choice, grammars, targets)
     if choice == "required":
@@ -172,8 +191,32 @@ def _offered(tool: FunctionTool | CustomTool, namespace: NamespaceTool | None, p
     namespace_name = namespace.name if namespace else None
     parameters = dict(_CUSTOM_INPUT) if isinstance(tool, CustomTool) else tool.parameters or dict(_ANY_OBJECT)
     spec = ToolSpec(name=qualified_name(namespace_name, tool.name), description=description, parameters=parameters)
-    target = CallTarget(name=tool.name, namespace=namespace_name, custom=isinstance(tool, CustomTool))
+    kind: Literal["function", "custom"] = "custom" if isinstance(tool, CustomTool) else "function"
+    target = CallTarget(name=tool.name, namespace=namespace_name, kind=kind)
     return OfferedTool(spec=spec, target=target, param=param, tool=tool)
+
+
+def _mcp_offered(body: CreateResponseRequest, listings: dict[str, list[dict[str, Any]]]) -> list[OfferedTool]:
+    """The tools each MCP server listed (those `allowed_tools` lets through), as `server_label.tool`."""
+    offered = []
+    for index, server in enumerate(body.tools or []):
+        if not isinstance(server, McpTool):
+            continue
+        for listed in listings.get(server.server_label, []):
+            name = listed["name"]
+            if not server.allows(name):
+                continue
+            description = " ".join(filter(None, [server.server_description, listed.get("description")])) or None
+            spec = ToolSpec(
+                name=qualified_name(server.server_label, name),
+                description=description,
+                parameters=listed.get("input_schema") or dict(_ANY_OBJECT),
+            )
+            target = CallTarget(
+                name=name, kind="mcp", server_label=server.server_label, needs_approval=server.needs_approval(name)
+            )
+            offered.append(OfferedTool(spec=spec, target=target, param=f"tools[{index}]", tool=None))
+    return offered
 
 
 def _allowed(offered: list[OfferedTool], choice: AllowedToolsChoice) -> list[OfferedTool]:

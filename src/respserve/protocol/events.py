@@ -123,6 +123,56 @@ class CustomToolCallInputDoneEvent(StreamEvent):
     input: str
 
 
+class McpListToolsInProgressEvent(StreamEvent):
+    type: Literal["response.mcp_list_tools.in_progress"] = "response.mcp_list_tools.in_progress"
+    item_id: str
+    output_index: int
+
+
+class McpListToolsCompletedEvent(StreamEvent):
+    type: Literal["response.mcp_list_tools.completed"] = "response.mcp_list_tools.completed"
+    item_id: str
+    output_index: int
+
+
+class McpListToolsFailedEvent(StreamEvent):
+    type: Literal["response.mcp_list_tools.failed"] = "response.mcp_list_tools.failed"
+    item_id: str
+    output_index: int
+
+
+class McpCallInProgressEvent(StreamEvent):
+    type: Literal["response.mcp_call.in_progress"] = "response.mcp_call.in_progress"
+    item_id: str
+    output_index: int
+
+
+class McpCallArgumentsDeltaEvent(StreamEvent):
+    type: Literal["response.mcp_call_arguments.delta"] = "response.mcp_call_arguments.delta"
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class McpCallArgumentsDoneEvent(StreamEvent):
+    type: Literal["response.mcp_call_arguments.done"] = "response.mcp_call_arguments.done"
+    item_id: str
+    output_index: int
+    arguments: str
+
+
+class McpCallCompletedEvent(StreamEvent):
+    type: Literal["response.mcp_call.completed"] = "response.mcp_call.completed"
+    item_id: str
+    output_index: int
+
+
+class McpCallFailedEvent(StreamEvent):
+    type: Literal["response.mcp_call.failed"] = "response.mcp_call.failed"
+    item_id: str
+    output_index: int
+
+
 class ReasoningTextDeltaEvent(StreamEvent):
     type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
     item_id: str

@@ -73,6 +73,48 @@ class CustomToolCallOutputInput(WireModel):
     output: str | list[InputContent]
 
 
+class McpListToolsInput(WireModel):
+    """The tools an MCP server listed, as an earlier response gave them: reused rather than listed again."""
+
+    type: Literal["mcp_list_tools"] = "mcp_list_tools"
+    id: str | None = None
+    server_label: str
+    tools: list[dict[str, Any]]
+    error: str | None = None
+
+
+class McpCallInput(WireModel):
+    """An MCP call respserve ran earlier, with its output: rendered as a tool call and its result."""
+
+    type: Literal["mcp_call"] = "mcp_call"
+    id: str | None = None
+    server_label: str
+    name: str
+    arguments: str
+    output: str | None = None
+    error: Any = None
+    status: str | None = None
+    approval_request_id: str | None = None
+
+
+class McpApprovalRequestInput(WireModel):
+    type: Literal["mcp_approval_request"] = "mcp_approval_request"
+    id: str
+    server_label: str
+    name: str
+    arguments: str
+
+
+class McpApprovalResponseInput(WireModel):
+    """The caller's answer to an `mcp_approval_request`: approved, the call runs before the model goes on."""
+
+    type: Literal["mcp_approval_response"] = "mcp_approval_response"
+    id: str | None = None
+    approval_request_id: str
+    approve: bool
+    reason: str | None = None
+
+
 class ReasoningInput(WireModel):
     """Earlier reasoning sent back (the Agents SDK does): accepted, and left out of the prompt, as chat
     templates drop the thoughts of earlier turns."""
@@ -113,6 +155,10 @@ InputItem = Annotated[
     | Annotated[FunctionCallOutputInput, Tag("function_call_output")]
     | Annotated[CustomToolCallInput, Tag("custom_tool_call")]
     | Annotated[CustomToolCallOutputInput, Tag("custom_tool_call_output")]
+    | Annotated[McpListToolsInput, Tag("mcp_list_tools")]
+    | Annotated[McpCallInput, Tag("mcp_call")]
+    | Annotated[McpApprovalRequestInput, Tag("mcp_approval_request")]
+    | Annotated[McpApprovalResponseInput, Tag("mcp_approval_response")]
     | Annotated[ReasoningInput, Tag("reasoning")]
     | Annotated[ImageGenerationCall, Tag("image_generation_call")],
     Discriminator(_item_tag, custom_error_type="invalid_item", custom_error_message="unsupported input item"),
@@ -163,6 +209,34 @@ class CustomToolCallItem(_OptionalKeys):
     status: MessageStatus
 
 
+class McpListToolsItem(BaseModel):
+    type: Literal["mcp_list_tools"] = "mcp_list_tools"
+    id: str
+    server_label: str
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    error: str | None = None
+
+
+class McpCallItem(BaseModel):
+    type: Literal["mcp_call"] = "mcp_call"
+    id: str
+    server_label: str
+    name: str
+    arguments: str
+    output: str | None = None
+    error: dict[str, Any] | None = None  # {"type": "tool_execution_error" | "protocol_error" | ..., "message"}
+    status: Literal["in_progress", "completed", "incomplete", "calling", "failed"]
+    approval_request_id: str | None = None
+
+
+class McpApprovalRequestItem(BaseModel):
+    type: Literal["mcp_approval_request"] = "mcp_approval_request"
+    id: str
+    server_label: str
+    name: str
+    arguments: str
+
+
 class ReasoningItem(_OptionalKeys):
     _optional = ("encrypted_content",)
     type: Literal["reasoning"] = "reasoning"
@@ -173,6 +247,13 @@ class ReasoningItem(_OptionalKeys):
 
 
 OutputItem = Annotated[
-    OutputMessage | FunctionCallItem | CustomToolCallItem | ReasoningItem | ImageGenerationCall,
+    OutputMessage
+    | FunctionCallItem
+    | CustomToolCallItem
+    | McpListToolsItem
+    | McpCallItem
+    | McpApprovalRequestItem
+    | ReasoningItem
+    | ImageGenerationCall,
     Field(discriminator="type"),
 ]

@@ -36,7 +36,6 @@ class ImageGenerationTool(WireModel):
 
 
 UnservedToolType = Literal[
-    "mcp",
     "web_search",
     "web_search_2025_08_26",
     "web_search_preview",
@@ -85,6 +84,51 @@ class CustomTool(WireModel):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
+class McpToolFilter(WireModel):
+    tool_names: list[str] | None = None
+    read_only: bool | None = None
+
+
+class McpApprovalFilter(WireModel):
+    always: McpToolFilter | None = None
+    never: McpToolFilter | None = None
+
+
+class McpTool(WireModel):
+    """A remote MCP server (streamable HTTP) whose tools respserve lists, offers to the model as
+    `server_label.tool`, and calls itself. As at OpenAI, a call needs approval unless `require_approval`
+    says `never` for it."""
+
+    type: Literal["mcp"] = "mcp"
+    server_label: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
+    server_url: str = Field(pattern=r"^https?://")
+    server_description: str | None = None
+    headers: dict[str, str] | None = None  # sent to the server (auth); never echoed
+    allowed_tools: list[str] | McpToolFilter | None = None
+    require_approval: Literal["always", "never"] | McpApprovalFilter | None = None
+
+    def allows(self, tool: str) -> bool:
+        allowed = self.allowed_tools
+        names = allowed.tool_names if isinstance(allowed, McpToolFilter) else allowed
+        return names is None or tool in names
+
+    def needs_approval(self, tool: str) -> bool:
+        policy = self.require_approval
+        if policy is None or isinstance(policy, str):
+            return policy != "never"
+        if policy.never is not None and tool in (policy.never.tool_names or []):
+            return False
+        if policy.always is not None:
+            return tool in (policy.always.tool_names or [])
+        return policy.never is None  # only `never` given: the tools it does not name need approval
+
+    @model_serializer(mode="wrap")
+    def _echo_without_secrets(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = {key: value for key, value in handler(self).items() if value is not None}
+        data.pop("headers", None)
+        return data
+
+
 def qualified_name(namespace: str | None, name: str) -> str:
     """The name a function of a namespace is offered to the model under (and read back from its calls)."""
     return f"{namespace}.{name}" if namespace else name
@@ -111,7 +155,8 @@ class NamespaceTool(WireModel):
 
 
 Tool = Annotated[
-    FunctionTool | CustomTool | ImageGenerationTool | NamespaceTool | UnservedTool, Field(discriminator="type")
+    FunctionTool | CustomTool | ImageGenerationTool | NamespaceTool | McpTool | UnservedTool,
+    Field(discriminator="type"),
 ]
 
 
@@ -123,6 +168,14 @@ class FunctionToolChoice(WireModel):
 class CustomToolChoice(WireModel):
     type: Literal["custom"] = "custom"
     name: str
+
+
+class McpToolChoice(WireModel):
+    """Forces a call to an MCP server's tool (`name`), or to any of its tools."""
+
+    type: Literal["mcp"] = "mcp"
+    server_label: str
+    name: str | None = None
 
 
 class HostedToolChoice(WireModel):
@@ -143,7 +196,6 @@ class UnservedToolChoice(WireModel):
         "computer_use",
         "computer_use_preview",
         "code_interpreter",
-        "mcp",
         "apply_patch",
         "shell",
         "programmatic_tool_calling",
@@ -164,7 +216,12 @@ class AllowedToolsChoice(WireModel):
 ToolChoice = (
     Literal["none", "auto", "required"]
     | Annotated[
-        FunctionToolChoice | CustomToolChoice | HostedToolChoice | AllowedToolsChoice | UnservedToolChoice,
+        FunctionToolChoice
+        | CustomToolChoice
+        | McpToolChoice
+        | HostedToolChoice
+        | AllowedToolsChoice
+        | UnservedToolChoice,
         Field(discriminator="type"),
     ]
 )

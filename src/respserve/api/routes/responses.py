@@ -23,20 +23,22 @@ from respserve.api.errors import GatewayTimeoutError, InvalidRequestError, NotFo
 from respserve.api.generation_plan import output_parser, plan_generation, stored_context_items
 from respserve.api.image_converter import ImageCallConverter, ImageMessageConverter
 from respserve.api.image_plan import forced_image_tool, plan_image, plan_image_tool, tool_image_model
-from respserve.api.input_items import stored_input_items
+from respserve.api.input_items import context_items, stored_input_items
+from respserve.api.mcp import McpSession, mcp_servers
 from respserve.api.metrics import RequestTimer
+from respserve.api.output_parsers import OutputParser
 from respserve.api.pagination import Include, Limit, Order
 from respserve.api.response_events import ResponseEvents, initial_resource
 from respserve.api.response_runner import Persistence, ResponseRunner
 from respserve.api.sse import DONE, event_frame, frame
 from respserve.api.state import AppState, ServedImageModel, ServedModel, StateDep
-from respserve.api.tool_calling import UNSERVED_TOOLS_HEADER, unserved_tools
+from respserve.api.tool_calling import UNSERVED_TOOLS_HEADER, CallTarget, ToolPlan, unserved_tools
 from respserve.engine.generation import GenerationRequest, ImageRequest
 from respserve.engine.image_worker import ImageWorker
-from respserve.engine.request_queue import QueueFull
+from respserve.engine.request_queue import OutputStream, QueueFull
 from respserve.engine.worker import PipelineWorker
 from respserve.protocol.ids import new_id
-from respserve.protocol.items import InputItem
+from respserve.protocol.items import InputItem, InputMessage
 from respserve.protocol.lists import ItemList
 from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.response import ResponseDeleted, ResponseResource
@@ -83,7 +85,7 @@ async def create_response(
         record_events=body.background and body.stream,
         image_ids=work.image_ids,
     )
-    runner = ResponseRunner(work.converter, outputs, persistence, RequestTimer(state.metrics))
+    runner = ResponseRunner(work.converter, outputs, persistence, RequestTimer(state.metrics), work.turns)
     await runner.save_initial()
     headers = _unserved_tools_header(body, resource.id)
 
@@ -117,6 +119,7 @@ class _Work:
     request: GenerationRequest | ImageRequest
     converter: ResponseEvents
     image_ids: tuple[str, ...] = ()
+    turns: McpSession | None = None  # MCP tools: the generations after the first
 
 
 async def _plan(
@@ -142,9 +145,13 @@ async def _plan(
         request = plan_image_tool(body, tool, image_model, state)
         converter = ImageCallConverter(resource, request.prompt, f"{request.width}x{request.height}")
         return _Work(image_model.worker, request, converter)
-    generation, tool_plan = await plan_generation(body, stored_context, served, state)
-    # One call when parallel calls are off; at most max_tool_calls otherwise.
-    max_calls = 1 if body.parallel_tool_calls is False else body.max_tool_calls
+    turns = await McpSession.open(body, stored_context) if mcp_servers(body) else None
+    if turns is not None:
+        generation, tool_plan = await _plan_mcp_turn(body, stored_context, served, state, turns, first=True)
+    else:
+        generation, tool_plan = await plan_generation(body, stored_context, served, state)
+    # One call when parallel calls are off; at most max_tool_calls otherwise (over every turn with MCP).
+    max_calls = 1 if body.parallel_tool_calls is False and turns is None else body.max_tool_calls
     parser = output_parser(tool_plan, generation, served, state)
     sealer = state.reasoning_sealer if ENCRYPTED_REASONING in (body.include or []) else None
     summarize = body.reasoning is not None and body.reasoning.summary is not None
@@ -156,8 +163,34 @@ async def _plan(
         tool_plan.raw_input,
         sealer.seal if sealer else None,
         summarize,
+        multi_turn=turns is not None,
     )
-    return _Work(served.worker, generation, converter)
+    if turns is not None:
+
+        async def plan_turn(made: list[dict[str, Any]]) -> tuple[OutputStream, OutputParser, dict[str, CallTarget]]:
+            turns.made = made
+            generation, plan = await _plan_mcp_turn(body, stored_context, served, state, turns, first=False)
+            return served.worker.submit(generation), output_parser(plan, generation, served, state), plan.targets
+
+        turns.plan_turn = plan_turn
+    return _Work(served.worker, generation, converter, turns=turns)
+
+
+async def _plan_mcp_turn(
+    body: CreateResponseRequest,
+    stored_context: list[InputItem],
+    served: ServedModel,
+    state: AppState,
+    turns: McpSession,
+    first: bool,
+) -> tuple[GenerationRequest, ToolPlan]:
+    """A generation of a response with MCP tools: over the stored context, the request's input and what the
+    response has made so far; only the first one is held to `tool_choice` (the next ones may answer)."""
+    sent = [InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input)
+    made = turns.context_items() if first else turns.made
+    context = [*stored_context, *sent, *context_items(made)]
+    turn = body.model_copy(update={"input": [], "tool_choice": body.tool_choice if first else "auto"})
+    return await plan_generation(turn, context, served, state, turns.listings)
 
 
 async def _stream(runner: ResponseRunner) -> AsyncIterator[ServerSentEvent]:
