@@ -273,9 +273,11 @@ class OpenResponsesSchema:
             return {"$ref": f"#/components/schemas/{name}"}
 
         schemas["ItemField"]["oneOf"].append(take("ImageGenToolCall"))
-        for item in ("CustomToolCall", "MCPListTools", "MCPToolCall", "MCPApprovalRequest"):
+        client_calls = ("LocalShellToolCall", "FunctionShellCall", "ApplyPatchToolCall")
+        for item in ("CustomToolCall", "MCPListTools", "MCPToolCall", "MCPApprovalRequest", *client_calls):
             schemas["ItemField"]["oneOf"].append(take(item))
-        schemas["ResponseResource"]["properties"]["tool_choice"]["oneOf"].append(take("ToolChoiceMCP"))
+        for choice in ("ToolChoiceMCP", "SpecificFunctionShellParam", "SpecificApplyPatchParam"):
+            schemas["ResponseResource"]["properties"]["tool_choice"]["oneOf"].append(take(choice))
         events = ["ResponseCustomToolCallInputDeltaEvent", "ResponseCustomToolCallInputDoneEvent"]
         events += [f"ResponseMCPCall{name}Event" for name in ("InProgress", "Completed", "Failed")]
         events += ["ResponseMCPCallArgumentsDeltaEvent", "ResponseMCPCallArgumentsDoneEvent"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import httpx
 import jsonschema
@@ -32,9 +33,6 @@ UNSERVED = [
     {"type": "web_search", "external_web_access": False},
     {"type": "file_search", "vector_store_ids": ["vs_1"]},
     {"type": "code_interpreter", "container": {"type": "auto"}},
-    {"type": "local_shell"},
-    {"type": "shell"},
-    {"type": "apply_patch"},
     {"type": "tool_search"},
 ]
 BASE = {"input": "Hello", "temperature": 0, "max_output_tokens": 16}
@@ -51,7 +49,7 @@ def test_codex_tool_list_is_served_and_unserved_tools_are_named(
     schema.response(body)
     assert [tool["type"] for tool in body["tools"]] == ["function", "namespace", *(t["type"] for t in UNSERVED)]
     assert body["tools"][2] == UNSERVED[0]  # echoed as sent
-    expected = "web_search, file_search, code_interpreter, local_shell, shell, apply_patch, tool_search"
+    expected = "web_search, file_search, code_interpreter, tool_search"
     assert response.headers["x-respserve-unserved-tools"] == expected
     # The functions (the namespaced one too) are in the prompt; the unserved tools add nothing to it.
     assert functions_only["usage"]["input_tokens"] > plain["usage"]["input_tokens"] + 50
@@ -103,7 +101,6 @@ def test_plain_function_calls_have_no_namespace_key(http: httpx.Client) -> None:
     [
         {"type": "web_search_preview"},
         {"type": "file_search"},
-        {"type": "shell"},
     ],
 )
 def test_forcing_a_tool_with_no_backend_is_a_400(http: httpx.Client, choice: dict) -> None:
@@ -209,3 +206,45 @@ def test_custom_tool_errors(http: httpx.Client) -> None:
         response = http.post("/v1/responses", json={**BASE, **extra})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("tool", "choice", "item_type", "prefix"),
+    [
+        ({"type": "shell"}, {"type": "shell"}, "shell_call", "sh_"),
+        ({"type": "apply_patch"}, {"type": "apply_patch"}, "apply_patch_call", "apc_"),
+        ({"type": "local_shell"}, "required", "local_shell_call", "lsh_"),
+    ],
+)
+def test_client_executed_tools_become_their_call_items(
+    http: httpx.Client, schema: OpenResponsesSchema, tool: dict, choice: Any, item_type: str, prefix: str
+) -> None:
+    body = {**BASE, "max_output_tokens": 60, "tools": [tool], "tool_choice": choice}
+    events, _ = stream_events(http, body)
+    for event in events:
+        schema.event(event)
+    final = events[-1]["response"]
+    [call] = final["output"]
+    assert call["type"] == item_type and call["id"].startswith(prefix) and call["call_id"].startswith("call_")
+    if item_type == "shell_call":
+        assert isinstance(call["action"]["commands"], list)
+    elif item_type == "apply_patch_call":
+        assert call["operation"]["type"] in ("create_file", "update_file", "delete_file")
+    else:
+        assert call["action"]["type"] == "exec" and isinstance(call["action"]["command"], list)
+    # The client runs it and sends the result back: with the call, or through the chain, the same prompt.
+    outputs = {
+        "shell_call": {
+            "type": "shell_call_output",
+            "call_id": call["call_id"],
+            "output": [{"stdout": "hi\n", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}],
+        },
+        "apply_patch_call": {"type": "apply_patch_call_output", "call_id": call["call_id"], "status": "completed"},
+        "local_shell_call": {"type": "local_shell_call_output", "id": call["call_id"], "output": "hi"},
+    }
+    result = outputs[item_type]
+    explicit = {**BASE, "tools": [tool], "input": [{"role": "user", "content": "Hello"}, call, result]}
+    chained = {**BASE, "tools": [tool], "input": [result], "previous_response_id": final["id"]}
+    sent_back, through_chain = http.post("/v1/responses", json=explicit), http.post("/v1/responses", json=chained)
+    assert sent_back.status_code == 200 and through_chain.status_code == 200, sent_back.text
+    assert sent_back.json()["usage"]["input_tokens"] == through_chain.json()["usage"]["input_tokens"]

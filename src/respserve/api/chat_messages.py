@@ -6,10 +6,13 @@ import json
 from dataclasses import replace
 from typing import Any
 
+from respserve.api import client_tools
 from respserve.api.errors import InvalidRequestError
 from respserve.engine.generation import ChatMessage, ToolCallTurn
 from respserve.protocol.content import InputFile, InputImage, InputText, OutputText, Refusal
 from respserve.protocol.items import (
+    ClientToolCallInput,
+    ClientToolOutputInput,
     CustomToolCallInput,
     CustomToolCallOutputInput,
     FunctionCallInput,
@@ -83,6 +86,14 @@ def _message(item: InputItem, param: str, model: str, accepts_images: bool) -> C
         arguments = item.arguments if isinstance(item, FunctionCallInput) else json.dumps({"input": item.input})
         call = ToolCallTurn(call_id=item.call_id, name=qualified_name(item.namespace, item.name), arguments=arguments)
         return ChatMessage(role="assistant", content="", tool_calls=(call,))
+    if isinstance(item, ClientToolCallInput):
+        name, arguments = client_tools.call_arguments(item)
+        call = ToolCallTurn(call_id=item.call_id, name=name, arguments=arguments)
+        return ChatMessage(role="assistant", content="", tool_calls=(call,))
+    if isinstance(item, ClientToolOutputInput):
+        return ChatMessage(
+            role="tool", content=client_tools.output_text(item), tool_call_id=client_tools.output_call_id(item)
+        )
     if isinstance(item, FunctionCallOutputInput | CustomToolCallOutputInput):
         output = item.output if isinstance(item.output, str) else _text(item.output, param, model, accepts_images)
         return ChatMessage(role="tool", content=output, tool_call_id=item.call_id)

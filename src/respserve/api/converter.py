@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from respserve.api import client_tools
 from respserve.api.output_parsers import (
     CallArguments,
     CallStart,
@@ -47,8 +48,11 @@ from respserve.protocol.events import (
 )
 from respserve.protocol.ids import new_id
 from respserve.protocol.items import (
+    ApplyPatchCallItem,
+    ClientCallItem,
     CustomToolCallItem,
     FunctionCallItem,
+    LocalShellCallItem,
     McpApprovalRequestItem,
     McpCallItem,
     McpListToolsItem,
@@ -56,6 +60,7 @@ from respserve.protocol.items import (
     OutputItem,
     OutputMessage,
     ReasoningItem,
+    ShellCallItem,
 )
 from respserve.protocol.response import (
     IncompleteDetails,
@@ -110,7 +115,8 @@ class ResponseConverter(ResponseEvents):
         self._text: list[str] = []
         self._logprobs: list[LogProb] = []
         self._pending_logprobs: list[LogProb] = []  # tokens whose text is still held back
-        self._call: FunctionCallItem | CustomToolCallItem | McpCallItem | McpApprovalRequestItem | None = None
+        self._call: FunctionCallItem | CustomToolCallItem | McpCallItem | McpApprovalRequestItem | ClientCallItem | None
+        self._call = None
         self._arguments: list[str] = []
         self._reasoning: ReasoningItem | None = None
         self._reasoning_text: list[str] = []
@@ -234,19 +240,23 @@ class ResponseConverter(ResponseEvents):
     def _start_call(self, name: str) -> list[StreamEvent]:
         events = self._close_message("completed")
         self._pending_logprobs = []  # those tokens were call markup, not text
-        calls = sum(isinstance(item, FunctionCallItem | CustomToolCallItem) for item in self._items)
+        calls = sum(isinstance(item, _CALLS) for item in self._items)
         if self._max_tool_calls is not None and calls >= self._max_tool_calls:
             return events
         target = self._targets.get(name, CallTarget(name=name))
         ids = {"call_id": new_id("call"), "namespace": target.namespace, "name": target.name, "status": "in_progress"}
         if target.kind == "mcp":
             self._call = self._mcp_call(target)
+        elif target.kind in ("local_shell", "shell", "apply_patch"):
+            self._call = client_tools.new_call(target.kind)
         elif target.kind == "custom":
             self._call = CustomToolCallItem(id=new_id("ctc"), input="", **ids)
         else:
             self._call = FunctionCallItem(id=new_id("fc"), arguments="", **ids)
         self._items.append(self._call)
         self._arguments = []
+        if isinstance(self._call, ClientCallItem):
+            return events  # announced once complete: its action is only known from the whole arguments
         events.append(self._event(OutputItemAddedEvent(output_index=self._index, item=self._call.model_copy())))
         if isinstance(self._call, McpCallItem):
             events.append(self._event(McpCallInProgressEvent(item_id=self._call.id, output_index=self._index)))
@@ -271,8 +281,8 @@ class ResponseConverter(ResponseEvents):
             return [self._event(FunctionCallArgumentsDeltaEvent(**where, delta=delta))]
         if isinstance(call, McpCallItem):
             return [self._event(McpCallArgumentsDeltaEvent(**where, delta=delta))]
-        if isinstance(call, McpApprovalRequestItem):
-            return []
+        if isinstance(call, McpApprovalRequestItem | ClientCallItem):
+            return []  # the item carries its arguments once they are complete
         if self._raw_input:
             return [self._event(CustomToolCallInputDeltaEvent(**where, delta=delta))]
         return []  # JSON `{"input": ...}` from a parsed call: its input is known at the end
@@ -287,6 +297,12 @@ class ResponseConverter(ResponseEvents):
         if isinstance(call, McpApprovalRequestItem):
             call.arguments = written
             return [self._event(OutputItemDoneEvent(output_index=index, item=call.model_copy()))]
+        if isinstance(call, ClientCallItem):
+            client_tools.complete_call(call, written, finished=status == "completed")
+            return [
+                self._event(OutputItemAddedEvent(output_index=index, item=call.model_copy())),
+                self._event(OutputItemDoneEvent(output_index=index, item=call.model_copy())),
+            ]
         if isinstance(call, McpCallItem):  # stays in progress: the runner runs it, then closes it
             call.arguments = written
             return [self._event(McpCallArgumentsDoneEvent(item_id=call.id, output_index=index, arguments=written))]
@@ -385,8 +401,18 @@ class ResponseConverter(ResponseEvents):
         return [item.model_dump(mode="json") for item in self._items]
 
 
-# What counts as the model having answered (else the response still gets one empty message).
-_ANSWERS = (OutputMessage, FunctionCallItem, CustomToolCallItem, McpCallItem, McpApprovalRequestItem)
+# Every kind of call the model makes (they count toward max_tool_calls), and what counts as the model having
+# answered at all (else the response still gets one empty message).
+_CALLS = (
+    FunctionCallItem,
+    CustomToolCallItem,
+    McpCallItem,
+    McpApprovalRequestItem,
+    LocalShellCallItem,
+    ShellCallItem,
+    ApplyPatchCallItem,
+)
+_ANSWERS = (OutputMessage, *_CALLS)
 
 
 def _custom_input(arguments: str) -> str:

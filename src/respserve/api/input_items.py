@@ -13,6 +13,8 @@ from pydantic import TypeAdapter
 from respserve.protocol.ids import new_id
 from respserve.protocol.items import (
     AssistantInputMessage,
+    ClientToolCallInput,
+    ClientToolOutputInput,
     CustomToolCallInput,
     CustomToolCallOutputInput,
     FunctionCallInput,
@@ -55,6 +57,9 @@ def stored_input_items(request_input: str | list[Any]) -> list[dict[str, Any]]:
         if isinstance(item, CustomToolCallInput | CustomToolCallOutputInput):
             prefix = "ctc" if isinstance(item, CustomToolCallInput) else "ctco"
             stored.append({**data, "id": item.id or new_id(prefix)})
+            continue
+        if isinstance(item, ClientToolCallInput | ClientToolOutputInput):
+            stored.append({**data, "id": item.id or new_id("ctco" if item.type.endswith("_output") else "ctc")})
             continue
         if isinstance(item, McpListToolsInput | McpCallInput | McpApprovalRequestInput | McpApprovalResponseInput):
             stored.append({**data, "id": item.id or new_id(_MCP_PREFIXES[item.type])})

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from respserve.api import client_tools
 from respserve.api.errors import InvalidRequestError
 from respserve.api.output_parsers import (
     ForcedArgumentsParser,
@@ -25,6 +26,8 @@ from respserve.engine.structured_output import GrammarCompiler, InvalidGrammar
 from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.tools import (
     AllowedToolsChoice,
+    ClientTool,
+    ClientToolChoice,
     CustomGrammarFormat,
     CustomTool,
     CustomToolChoice,
@@ -56,7 +59,8 @@ class CallTarget:
 
     name: str
     namespace: str | None = None
-    kind: Literal["function", "custom", "mcp"] = "function"  # function_call, custom_tool_call, mcp_call
+    # function_call, custom_tool_call, mcp_call, or the call item of a client-executed tool
+    kind: Literal["function", "custom", "mcp", "local_shell", "shell", "apply_patch"] = "function"
     server_label: str | None = None  # an MCP tool's server
     needs_approval: bool = False  # an MCP tool whose call waits for the caller's approval
 
@@ -66,7 +70,7 @@ class OfferedTool:
     spec: ToolSpec  # as the prompt shows it (a namespaced tool under its qualified name)
     target: CallTarget
     param: str  # where it sits in the request, for errors
-    tool: FunctionTool | CustomTool | None  # None for an MCP server's tool
+    tool: FunctionTool | CustomTool | ClientTool | None  # None for an MCP server's tool
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,8 @@ def plan_tools(
                 param="tool_choice",
             )
         specs, choice = [t.spec for t in offered], "required"
+    if isinstance(choice, ClientToolChoice):
+        choice = FunctionToolChoice(name=choice.type)  # offered under its type's name
     if isinstance(choice, FunctionToolChoice | CustomToolChoice):
         return _forced(offered, choice, grammars, targets)
     if choice == "required":
@@ -149,7 +155,7 @@ def _forced(
 ) -> ToolPlan:
     """One named tool, forced: the output is its arguments (a function) or its input (a custom tool),
     streamed as deltas of the call."""
-    kind = FunctionTool if isinstance(choice, FunctionToolChoice) else CustomTool
+    kind = (FunctionTool, ClientTool) if isinstance(choice, FunctionToolChoice) else CustomTool
     tool = next((t for t in offered if isinstance(t.tool, kind) and choice.name in (t.target.name, t.spec.name)), None)
     if tool is None:
         raise InvalidRequestError(
@@ -157,7 +163,7 @@ def _forced(
             param="tool_choice.name",
         )
     parser = ForcedArgumentsParser(tool.spec.name)
-    if isinstance(tool.tool, FunctionTool):
+    if isinstance(tool.tool, FunctionTool | ClientTool):
         grammar = _compile(grammars, tool.spec.parameters, f"{tool.param}.parameters")
         return ToolPlan(tools=[tool.spec], grammar=grammar, parser=parser, targets=targets)
     text_format = tool.tool.format
@@ -177,6 +183,11 @@ def _offered_tools(body: CreateResponseRequest) -> list[OfferedTool]:
     for index, tool in enumerate(body.tools or []):
         if isinstance(tool, FunctionTool | CustomTool):
             offered.append(_offered(tool, None, f"tools[{index}]"))
+        elif isinstance(tool, ClientTool):
+            target = CallTarget(name=tool.type, kind=tool.type)
+            offered.append(
+                OfferedTool(spec=client_tools.SPECS[tool.type], target=target, param=f"tools[{index}]", tool=tool)
+            )
         elif isinstance(tool, NamespaceTool):
             offered.extend(
                 _offered(member, tool, f"tools[{index}].tools[{inner}]") for inner, member in enumerate(tool.tools)

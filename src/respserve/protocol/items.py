@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Discriminator, Field, SerializerFunctionWrapHandler, Tag, model_serializer
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, SerializerFunctionWrapHandler, Tag, model_serializer
 
 from respserve.protocol.content import AssistantContent, InputContent, OutputContent, ReasoningText, WireModel
 
@@ -115,6 +115,29 @@ class McpApprovalResponseInput(WireModel):
     reason: str | None = None
 
 
+class ClientToolCallInput(WireModel):
+    """A `local_shell_call`, `shell_call` or `apply_patch_call` the model made earlier, sent back."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["local_shell_call", "shell_call", "apply_patch_call"]
+    id: str | None = None
+    call_id: str
+    action: dict[str, Any] | None = None  # local_shell_call, shell_call
+    operation: dict[str, Any] | None = None  # apply_patch_call
+    status: str | None = None
+
+
+class ClientToolOutputInput(WireModel):
+    """What the client's shell or patch run gave: text (local shell, apply_patch) or shell output chunks."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["local_shell_call_output", "shell_call_output", "apply_patch_call_output"]
+    id: str | None = None
+    call_id: str | None = None  # local_shell_call_output names its call by `id`
+    output: str | list[dict[str, Any]] | None = None
+    status: str | None = None
+
+
 class ReasoningInput(WireModel):
     """Earlier reasoning sent back (the Agents SDK does): accepted, and left out of the prompt, as chat
     templates drop the thoughts of earlier turns."""
@@ -155,6 +178,12 @@ InputItem = Annotated[
     | Annotated[FunctionCallOutputInput, Tag("function_call_output")]
     | Annotated[CustomToolCallInput, Tag("custom_tool_call")]
     | Annotated[CustomToolCallOutputInput, Tag("custom_tool_call_output")]
+    | Annotated[ClientToolCallInput, Tag("local_shell_call")]
+    | Annotated[ClientToolCallInput, Tag("shell_call")]
+    | Annotated[ClientToolCallInput, Tag("apply_patch_call")]
+    | Annotated[ClientToolOutputInput, Tag("local_shell_call_output")]
+    | Annotated[ClientToolOutputInput, Tag("shell_call_output")]
+    | Annotated[ClientToolOutputInput, Tag("apply_patch_call_output")]
     | Annotated[McpListToolsInput, Tag("mcp_list_tools")]
     | Annotated[McpCallInput, Tag("mcp_call")]
     | Annotated[McpApprovalRequestInput, Tag("mcp_approval_request")]
@@ -237,6 +266,34 @@ class McpApprovalRequestItem(BaseModel):
     arguments: str
 
 
+class LocalShellCallItem(BaseModel):
+    type: Literal["local_shell_call"] = "local_shell_call"
+    id: str
+    call_id: str
+    action: dict[str, Any]  # {"type": "exec", "command": [...], "env": {}, "timeout_ms", "working_directory", "user"}
+    status: MessageStatus
+
+
+class ShellCallItem(BaseModel):
+    type: Literal["shell_call"] = "shell_call"
+    id: str
+    call_id: str
+    action: dict[str, Any]  # {"commands": [...], "timeout_ms", "max_output_length"}
+    status: MessageStatus
+    environment: dict[str, Any] | None = None
+
+
+class ApplyPatchCallItem(BaseModel):
+    type: Literal["apply_patch_call"] = "apply_patch_call"
+    id: str
+    call_id: str
+    status: Literal["in_progress", "completed"]
+    operation: dict[str, Any]  # {"type": "create_file" | "update_file" | "delete_file", "path", "diff"}
+
+
+ClientCallItem = LocalShellCallItem | ShellCallItem | ApplyPatchCallItem
+
+
 class ReasoningItem(_OptionalKeys):
     _optional = ("encrypted_content",)
     type: Literal["reasoning"] = "reasoning"
@@ -253,6 +310,9 @@ OutputItem = Annotated[
     | McpListToolsItem
     | McpCallItem
     | McpApprovalRequestItem
+    | LocalShellCallItem
+    | ShellCallItem
+    | ApplyPatchCallItem
     | ReasoningItem
     | ImageGenerationCall,
     Field(discriminator="type"),

@@ -46,9 +46,6 @@ UnservedToolType = Literal[
     "computer_use_preview",
     "tool_search",
     "programmatic_tool_calling",
-    "local_shell",
-    "shell",
-    "apply_patch",
 ]
 
 
@@ -134,6 +131,14 @@ def qualified_name(namespace: str | None, name: str) -> str:
     return f"{namespace}.{name}" if namespace else name
 
 
+class ClientTool(WireModel):
+    """OpenAI's client-executed tools: the model's call becomes a `local_shell_call`, `shell_call` or
+    `apply_patch_call` item for the client to run, and its result comes back as the matching output item."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["local_shell", "shell", "apply_patch"]
+
+
 NamespaceMember = Annotated[FunctionTool | CustomTool, Field(discriminator="type")]
 
 
@@ -155,7 +160,7 @@ class NamespaceTool(WireModel):
 
 
 Tool = Annotated[
-    FunctionTool | CustomTool | ImageGenerationTool | NamespaceTool | McpTool | UnservedTool,
+    FunctionTool | CustomTool | ImageGenerationTool | NamespaceTool | McpTool | ClientTool | UnservedTool,
     Field(discriminator="type"),
 ]
 
@@ -178,6 +183,12 @@ class McpToolChoice(WireModel):
     name: str | None = None
 
 
+class ClientToolChoice(WireModel):
+    """Forces the `shell` or `apply_patch` tool."""
+
+    type: Literal["shell", "apply_patch"]
+
+
 class HostedToolChoice(WireModel):
     """Forces a hosted tool: here, `{"type": "image_generation"}`."""
 
@@ -196,8 +207,6 @@ class UnservedToolChoice(WireModel):
         "computer_use",
         "computer_use_preview",
         "code_interpreter",
-        "apply_patch",
-        "shell",
         "programmatic_tool_calling",
     ]
 
@@ -219,6 +228,7 @@ ToolChoice = (
         FunctionToolChoice
         | CustomToolChoice
         | McpToolChoice
+        | ClientToolChoice
         | HostedToolChoice
         | AllowedToolsChoice
         | UnservedToolChoice,
