@@ -158,9 +158,9 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
     return False
 
 
-def spawn_server(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+def spawn_server(port: int, data_dir: Path, *flags: str) -> subprocess.Popen[bytes]:
     """`respserve serve` as its own process (to kill or signal it), once it answers /health."""
-    command = [sys.executable, "-m", "respserve", "serve", "--port", str(port), "--data-dir", str(data_dir)]
+    command = [sys.executable, "-m", "respserve", "serve", "--port", str(port), "--data-dir", str(data_dir), *flags]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def healthy() -> bool:

@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
     serve.add_argument("--cache-dir", dest="cache_dir")
     serve.add_argument("--data-dir", dest="data_dir", help="where stored responses and conversations live")
+    serve.add_argument("--lease-seconds", dest="lease_s", type=float, help="replica lease on running responses")
     serve.add_argument("--store", help="postgresql://user@host/db to share state between replicas (default: SQLite)")
     serve.add_argument("--max-output-tokens", dest="max_output_tokens", type=int)
     serve.add_argument("--tool-parser", dest="tool_parser", choices=["hermes", "json"])

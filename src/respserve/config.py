@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         default=None,
         description="A postgresql:// URL shared by replicas; none: SQLite in the data dir (`RESPSERVE_STORE`).",
     )
+    lease_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Replicas renew their running responses' leases every third of this; one lease after a "
+        "replica dies, the others mark its unfinished responses failed.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Keys accepted as 'Authorization: Bearer'; none: no auth. Env: comma-separated.",

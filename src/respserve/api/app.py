@@ -16,6 +16,7 @@ from respserve.api.background import BackgroundJobs
 from respserve.api.body_limit import BodyLimitMiddleware
 from respserve.api.encrypted_reasoning import ReasoningSealer
 from respserve.api.errors import install_error_handlers
+from respserve.api.leases import LeaseKeeper
 from respserve.api.metrics import Metrics
 from respserve.api.request_log import RequestLogMiddleware
 from respserve.api.routes import conversations, health, images, models, responses
@@ -64,14 +65,21 @@ def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     sealer = ReasoningSealer.from_settings(settings.secret_key, settings.data_dir)
     state = AppState(
-        settings=settings, store=store, background=BackgroundJobs(store), metrics=metrics, reasoning_sealer=sealer
+        settings=settings,
+        store=store,
+        background=BackgroundJobs(store),
+        metrics=metrics,
+        reasoning_sealer=sealer,
+        leases=LeaseKeeper(store, settings.lease_s),
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        interrupted = store.fail_unfinished("The server restarted before this response finished.")
-        if interrupted:
-            logger.warning("marked %d responses interrupted by a restart as failed", interrupted)
+        if not store.shared:  # a store of this process alone: what it left unfinished died with it
+            interrupted = store.fail_unfinished("The server restarted before this response finished.")
+            if interrupted:
+                logger.warning("marked %d responses interrupted by a restart as failed", interrupted)
+        state.leases.start()
         served = load_text_model(settings)
         state.models[served.name] = served
         metrics.watch(served.worker)
@@ -83,6 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await state.background.shutdown()
+            await state.leases.stop()
             for model in state.models.values():
                 model.worker.stop()
             store.close()

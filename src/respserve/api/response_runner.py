@@ -24,6 +24,7 @@ from respserve.protocol.response import ResponseError, ResponseStatus
 from respserve.store.base import ResponseStore, StoredImage
 
 if TYPE_CHECKING:
+    from respserve.api.leases import LeaseKeeper
     from respserve.api.mcp import McpSession
 
 
@@ -36,6 +37,7 @@ class Persistence:
     conversation_id: str | None
     record_events: bool  # background streams, so that GET ?stream=true can replay them
     image_ids: tuple[str, ...] = ()  # images served by URL: image i is kept under image_ids[i]
+    leases: LeaseKeeper | None = None  # holds a lease on the stored response while it runs
 
 
 class ResponseRunner:
@@ -64,6 +66,8 @@ class ResponseRunner:
         """Stores the response as created (queued or in progress) with its input items."""
         persistence = self._persistence
         if persistence and persistence.save_response:
+            if persistence.leases is not None:
+                persistence.leases.hold(self.response_id)
             await asyncio.to_thread(
                 persistence.store.save_response,
                 self.converter.resource.to_wire(),
@@ -108,6 +112,8 @@ class ResponseRunner:
                 # Interrupted (disconnect, cancel, shutdown): a quick synchronous write, since awaiting
                 # here may not be allowed any more.
                 self._mark_interrupted()
+            if self._persistence and self._persistence.leases:
+                self._persistence.leases.release(self.response_id)
 
     async def run_to_end(self) -> None:
         async for _ in self.events():

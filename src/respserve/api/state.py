@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from respserve.api.background import BackgroundJobs
 from respserve.api.encrypted_reasoning import ReasoningSealer
 from respserve.api.errors import NotFoundError
+from respserve.api.leases import LeaseKeeper
 from respserve.api.metrics import Metrics
 from respserve.config import Settings
 from respserve.engine.image_worker import ImageWorker
@@ -38,6 +39,7 @@ class AppState:
     background: BackgroundJobs
     metrics: Metrics
     reasoning_sealer: ReasoningSealer
+    leases: LeaseKeeper
     models: dict[str, ServedModel | ServedImageModel] = field(default_factory=dict)
 
     @property

@@ -57,9 +57,22 @@ class ResponseStore(ABC):
         None when the response is not stored (or belongs to another owner).
         """
 
+    # Whether other processes (replicas) share this store: then a starting replica must not fail the
+    # responses the others are running, and leases (below) tell the dead from the living.
+    shared: bool = False
+
     @abstractmethod
     def fail_unfinished(self, message: str) -> int:
         """Marks responses left queued or in progress (by a restart) as failed; returns how many."""
+
+    @abstractmethod
+    def renew_leases(self, replica: str, response_ids: list[str], expires_at: int) -> None:
+        """Records that `replica` is still running these responses, until `expires_at` (Unix seconds)."""
+
+    @abstractmethod
+    def fail_expired(self, now: int, unleased_before: int, message: str) -> int:
+        """Marks failed the queued or in-progress responses whose lease ran out before `now` (their replica
+        died), and those never leased though created before `unleased_before`; returns how many."""
 
     # ---- stream events of background responses ---------------------------------------------------------
     @abstractmethod

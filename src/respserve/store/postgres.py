@@ -65,6 +65,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX images_by_response ON images (response_id);
     """,
+    """
+    ALTER TABLE responses ADD COLUMN replica TEXT;  -- the replica running it, while it runs
+    ALTER TABLE responses ADD COLUMN lease_expires BIGINT;
+    """,
 ]
 _MIGRATION_LOCK = 0x7265737073  # any constant shared by every replica ("resps")
 
@@ -95,6 +99,8 @@ class _QmarkCursor:
 
 
 class PostgresBackend(SqlBackend):
+    shared = True  # the point of it: several replicas
+
     def __init__(self, url: str, max_connections: int = 8) -> None:
         self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True)
         self._pool.wait(timeout=30)

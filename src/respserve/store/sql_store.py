@@ -35,6 +35,8 @@ class Cursor(Protocol):
 
 
 class SqlBackend(ABC):
+    shared = False  # other processes use the same database
+
     @abstractmethod
     def transaction(self) -> AbstractContextManager[Cursor]:
         """A cursor inside one transaction: committed on leaving, rolled back on an exception."""
@@ -51,6 +53,7 @@ class SqlBackend(ABC):
 class SqlResponseStore(ResponseStore):
     def __init__(self, backend: SqlBackend) -> None:
         self._db = backend
+        self.shared = backend.shared
 
     # ---- responses --------------------------------------------------------------------------------------
     def save_response(self, resource: dict[str, Any], input_items: list[Item] | None, owner: str | None) -> None:
@@ -120,8 +123,28 @@ class SqlResponseStore(ResponseStore):
         return [json.loads(item) for _, item in rows if item is not None]
 
     def fail_unfinished(self, message: str) -> int:
+        return self._fail_where("", (), message)
+
+    def renew_leases(self, replica: str, response_ids: list[str], expires_at: int) -> None:
+        if not response_ids:
+            return
+        marks = ", ".join("?" for _ in response_ids)
         with self._db.transaction() as db:
-            db.execute("SELECT id, resource FROM responses WHERE status IN ('queued', 'in_progress')")
+            db.execute(
+                f"UPDATE responses SET replica = ?, lease_expires = ? WHERE id IN ({marks})"
+                " AND status IN ('queued', 'in_progress')",
+                (replica, expires_at, *response_ids),
+            )
+
+    def fail_expired(self, now: int, unleased_before: int, message: str) -> int:
+        where = " AND (lease_expires < ? OR (lease_expires IS NULL AND created_at < ?))"
+        return self._fail_where(where, (now, unleased_before), message)
+
+    def _fail_where(self, condition: str, params: tuple[Any, ...], message: str) -> int:
+        with self._db.transaction() as db:
+            db.execute(
+                "SELECT id, resource FROM responses WHERE status IN ('queued', 'in_progress')" + condition, params
+            )
             unfinished = db.fetchall()
             for response_id, text in unfinished:
                 resource = {**json.loads(text), "status": "failed"}

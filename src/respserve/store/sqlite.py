@@ -60,6 +60,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX images_by_response ON images (response_id);
     """,
+    """
+    ALTER TABLE responses ADD COLUMN replica TEXT;  -- the process running it, while it runs
+    ALTER TABLE responses ADD COLUMN lease_expires INTEGER;
+    """,
 ]
 
 

@@ -84,6 +84,7 @@ async def create_response(
         conversation_id=body.conversation_id,
         record_events=body.background and body.stream,
         image_ids=work.image_ids,
+        leases=state.leases,
     )
     runner = ResponseRunner(work.converter, outputs, persistence, RequestTimer(state.metrics), work.turns)
     await runner.save_initial()
