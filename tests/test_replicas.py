@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import signal
 import time
@@ -54,3 +56,50 @@ def test_a_killed_replicas_jobs_fail_on_the_survivor_and_nothing_stored_is_lost(
         if doomed.poll() is None:
             doomed.kill()
         stop_server(uv_server, thread)
+
+
+def test_a_job_on_one_replica_is_followed_live_and_cancelled_through_the_other(
+    tmp_path: Path, server: RunningServer, postgres_url: str
+) -> None:
+    replicas = [
+        start_server(load_settings(port=free_port(), data_dir=str(tmp_path / name), store=postgres_url))
+        for name in "ab"
+    ]
+    (_, _, a), (_, _, b) = replicas[0], replicas[1]
+    try:
+        body = long_job(server, background=True, stream=True)
+        with (
+            httpx.Client(base_url=a.base_url, timeout=60) as client,
+            client.stream("POST", "/v1/responses", json=body) as started,
+        ):
+            first = json.loads(next(line for line in started.iter_lines() if line.startswith("data: {"))[6:])
+        job = first["response"]["id"]  # the client left; the job runs on in A
+        worker = a.state.default_model.worker
+        assert wait_for(lambda: worker.num_running == 1)
+
+        live: list[dict] = []
+        arrivals: list[float] = []
+        with httpx.Client(base_url=b.base_url, timeout=60) as client:
+            stored_then = len(a.state.store.events_after(job, -1))
+            params = {"stream": "true", "starting_after": 0}
+            with client.stream("GET", f"/v1/responses/{job}", params=params) as follow:
+                for line in follow.iter_lines():
+                    if line.startswith("data: {"):
+                        live.append(json.loads(line[6:]))
+                        arrivals.append(time.monotonic())
+                        if len(live) == stored_then + 20:
+                            break  # events recorded after B began to follow, so they came live
+            numbers = [event["sequence_number"] for event in live]
+            assert numbers == list(range(1, len(live) + 1))
+            # Woken by A's notifications, one decode step apart, not by the 1 s fallback poll.
+            followed = arrivals[stored_then:]
+            gaps = [later - earlier for earlier, later in itertools.pairwise(followed)]
+            assert max(gaps) < 0.6, gaps
+
+            cancelled = client.post(f"/v1/responses/{job}/cancel")
+            assert cancelled.status_code == 200, cancelled.text
+            assert cancelled.json()["status"] == "cancelled"
+        assert wait_for(lambda: worker.num_running == 0, timeout=5)  # A stopped generating
+    finally:
+        for uv_server, thread, _ in replicas:
+            stop_server(uv_server, thread)

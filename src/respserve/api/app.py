@@ -80,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
             if interrupted:
                 logger.warning("marked %d responses interrupted by a restart as failed", interrupted)
         state.leases.start()
+        state.background.connect()
         served = load_text_model(settings)
         state.models[served.name] = served
         metrics.watch(served.worker)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Item = dict[str, Any]  # an input or output item, as on the wire
 Order = Literal["asc", "desc"]
+Channel = Literal["events", "cancel"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,15 @@ class ResponseStore(ABC):
     @abstractmethod
     def fail_unfinished(self, message: str) -> int:
         """Marks responses left queued or in progress (by a restart) as failed; returns how many."""
+
+    # ---- between replicas (a shared store only; one process needs no messages) ------------------------
+    @abstractmethod
+    def notify(self, channel: Channel, response_id: str) -> None:
+        """Tells every replica: new stream events of a response (`events`), or a request to cancel it."""
+
+    @abstractmethod
+    def listen(self, callback: Callable[[Channel, str], None]) -> None:
+        """Calls `callback(channel, response_id)` (from another thread) for each notification."""
 
     @abstractmethod
     def renew_leases(self, replica: str, response_ids: list[str], expires_at: int) -> None:

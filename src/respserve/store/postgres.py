@@ -7,13 +7,16 @@ advisory lock, so replicas starting together migrate once. The store's SQL (sql_
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 from psycopg import Cursor
 from psycopg_pool import ConnectionPool
 
+from respserve.store.base import Channel
 from respserve.store.sql_store import Row, SqlBackend, SqlResponseStore, split_statements
 
 # Each entry migrates the schema from version i to i + 1; append, never edit.
@@ -71,6 +74,7 @@ MIGRATIONS: list[str] = [
     """,
 ]
 _MIGRATION_LOCK = 0x7265737073  # any constant shared by every replica ("resps")
+_CHANNELS: dict[Channel, str] = {"events": "respserve_events", "cancel": "respserve_cancel"}
 
 
 class _QmarkCursor:
@@ -102,6 +106,8 @@ class PostgresBackend(SqlBackend):
     shared = True  # the point of it: several replicas
 
     def __init__(self, url: str, max_connections: int = 8) -> None:
+        self._url = url
+        self._listener: psycopg.Connection[Any] | None = None
         self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True)
         self._pool.wait(timeout=30)
         self._migrate()
@@ -117,12 +123,34 @@ class PostgresBackend(SqlBackend):
                     cursor.execute(statement)
                 cursor.execute("INSERT INTO respserve_schema (version) VALUES (?)", (target,))
 
+    def notify_in(self, cursor: Cursor, channel: Channel, response_id: str) -> None:
+        cursor.execute("SELECT pg_notify(?, ?)", (_CHANNELS[channel], response_id))
+
+    def listen(self, callback: Callable[[Channel, str], None]) -> None:
+        """One connection of its own, in autocommit, LISTENing on a thread of its own."""
+        connection = psycopg.connect(self._url, autocommit=True)
+        for name in _CHANNELS.values():
+            connection.execute(f"LISTEN {name}")
+        self._listener = connection
+        channels = {name: channel for channel, name in _CHANNELS.items()}
+
+        def deliver() -> None:
+            try:
+                for note in connection.notifies():
+                    callback(channels[note.channel], note.payload)
+            except psycopg.Error:
+                pass  # the connection was closed: the store is closing
+
+        threading.Thread(target=deliver, name="respserve-listen", daemon=True).start()
+
     @contextmanager
     def transaction(self) -> Iterator[_QmarkCursor]:
         with self._pool.connection() as connection, connection.transaction(), connection.cursor() as cursor:
             yield _QmarkCursor(cursor)
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         self._pool.close()
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from respserve.store.base import Item, ItemPage, Order, ResponseStore, StoredConversation, StoredImage
+from respserve.store.base import Channel, Item, ItemPage, Order, ResponseStore, StoredConversation, StoredImage
 
 _INPUT, _OUTPUT = 0, 1
 Row = tuple[Any, ...]
@@ -40,6 +40,14 @@ class SqlBackend(ABC):
     @abstractmethod
     def transaction(self) -> AbstractContextManager[Cursor]:
         """A cursor inside one transaction: committed on leaving, rolled back on an exception."""
+
+    @abstractmethod
+    def notify_in(self, cursor: Cursor, channel: Channel, response_id: str) -> None:
+        """Queues a notification for the other processes, sent when `cursor`'s transaction commits."""
+
+    @abstractmethod
+    def listen(self, callback: Callable[[Channel, str], None]) -> None:
+        """Starts delivering other processes' notifications to `callback`."""
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self.transaction() as cursor:
@@ -163,6 +171,14 @@ class SqlResponseStore(ResponseStore):
                 " ON CONFLICT DO NOTHING",
                 [(response_id, number, event) for number, event in events],
             )
+            self._db.notify_in(db, "events", response_id)  # delivered with the commit
+
+    def notify(self, channel: Channel, response_id: str) -> None:
+        with self._db.transaction() as db:
+            self._db.notify_in(db, channel, response_id)
+
+    def listen(self, callback: Callable[[Channel, str], None]) -> None:
+        self._db.listen(callback)
 
     def events_after(self, response_id: str, sequence_number: int) -> list[tuple[int, str]]:
         rows = self._db.query(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from respserve.store.sql_store import SqlBackend, SqlResponseStore, split_statements
+from respserve.store.base import Channel
+from respserve.store.sql_store import Cursor, SqlBackend, SqlResponseStore, split_statements
 
 # Each entry migrates the schema from version i to i + 1; append, never edit.
 MIGRATIONS: list[str] = [
@@ -98,6 +99,13 @@ class SqliteBackend(SqlBackend):
                 cursor.execute("ROLLBACK")
                 raise
             cursor.execute("COMMIT")
+
+    # One process owns the file: there is no other replica to tell anything.
+    def notify_in(self, cursor: Cursor, channel: Channel, response_id: str) -> None:
+        return None
+
+    def listen(self, callback: Callable[[Channel, str], None]) -> None:
+        return None
 
     def close(self) -> None:
         with self._lock:

@@ -94,7 +94,8 @@ async def create_response(
         snapshot = resource.to_wire()
         state.background.start(runner)
         if body.stream:
-            return EventSourceResponse(_follow(state, resource.id, -1), sep="\n", ping=15, headers=headers)
+            follow = _follow(state, resource.id, -1, owner)
+            return EventSourceResponse(follow, sep="\n", ping=15, headers=headers)
         return JSONResponse(snapshot, headers=headers)
     if body.stream:
         return EventSourceResponse(_stream(runner), sep="\n", ping=15, headers=headers)
@@ -201,9 +202,11 @@ async def _stream(runner: ResponseRunner) -> AsyncIterator[ServerSentEvent]:
     yield DONE
 
 
-async def _follow(state: AppState, response_id: str, starting_after: int) -> AsyncIterator[ServerSentEvent]:
+async def _follow(
+    state: AppState, response_id: str, starting_after: int, owner: str | None
+) -> AsyncIterator[ServerSentEvent]:
     # Following a background response never cancels it: a client may leave and resume later.
-    async for event in state.background.follow(response_id, starting_after):
+    async for event in state.background.follow(response_id, starting_after, owner):
         yield frame(event, json.loads(event)["type"])
     yield DONE
 
@@ -252,14 +255,14 @@ async def retrieve_response(
         if not resource.get("background"):
             raise InvalidRequestError("Only background responses can be streamed again.", param="stream")
         after = -1 if starting_after is None else starting_after
-        return EventSourceResponse(_follow(state, response_id, after), sep="\n", ping=15)
+        return EventSourceResponse(_follow(state, response_id, after, owner), sep="\n", ping=15)
     return JSONResponse(resource)
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, state: StateDep, owner: Owner) -> ResponseDeleted:
     await _stored(state, response_id, owner)  # another owner's response does not exist for this caller
-    await state.background.cancel(response_id)
+    await state.background.cancel(response_id, owner)
     if not await asyncio.to_thread(state.store.delete_response, response_id, owner):
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
     return ResponseDeleted(id=response_id)
@@ -270,7 +273,7 @@ async def cancel_response(response_id: str, state: StateDep, owner: Owner) -> JS
     resource = await _stored(state, response_id, owner)
     if not resource.get("background"):
         raise InvalidRequestError("Only background responses can be cancelled.", param="response_id")
-    if resource["status"] not in ("queued", "in_progress") or not await state.background.cancel(response_id):
+    if resource["status"] not in ("queued", "in_progress") or not await state.background.cancel(response_id, owner):
         raise InvalidRequestError(f"Cannot cancel a response with status '{resource['status']}'.", param="response_id")
     return JSONResponse(await _stored(state, response_id, owner))
 
