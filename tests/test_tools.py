@@ -256,3 +256,29 @@ def test_an_agent_runs_a_tool_and_answers(server: RunningServer) -> None:
         "tool_call_output_item",
         "message_output_item",
     ]
+
+
+def test_a_forced_call_is_strict_unless_told_otherwise_and_a_cut_one_is_incomplete(http) -> None:
+    # As LangChain sends a plain Pydantic model: no additionalProperties, `strict` omitted.
+    open_schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 24},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        },
+        "required": ["city", "days"],
+    }
+    tool = {"type": "function", "name": "GetWeather", "description": "The forecast.", "parameters": open_schema}
+    body = {"input": QUESTION, "tools": [tool], "tool_choice": {"type": "function", "name": "GetWeather"}}
+    response = http.post("/v1/responses", json={**body, "temperature": 0, "max_output_tokens": 64}).json()
+    assert response["status"] == "completed"
+    [call] = response["output"]
+    assert call["status"] == "completed" and set(json.loads(call["arguments"])) == {"city", "days"}
+    # A city of at least 60 characters cannot fit in 16 tokens: the call is cut, and says so.
+    long_city = {
+        **open_schema,
+        "properties": {**open_schema["properties"], "city": {"type": "string", "minLength": 60}},
+    }
+    cut_body = {**body, "tools": [{**tool, "parameters": long_city}], "temperature": 0, "max_output_tokens": 16}
+    cut = http.post("/v1/responses", json=cut_body).json()
+    assert cut["status"] == "incomplete" and cut["output"][0]["status"] == "incomplete"

@@ -101,6 +101,7 @@ class ResponseConverter(ResponseEvents):
         # With MCP tools a response spans several generations (turns); the runner calls `finish` after the
         # last one. Otherwise the first generation's end is the response's.
         self._multi_turn = multi_turn
+        self._closing_status: MessageStatus = "completed"  # what a call closed by the model ends as
         self._usage = Usage(input_tokens=0, output_tokens=0, total_tokens=0)
         self._last_status: ResponseStatus = "completed"
         self._last_error: str | None = None
@@ -131,8 +132,12 @@ class ResponseConverter(ResponseEvents):
         for segment in segments:
             events.extend(self._apply(segment))
         if output.final_status.is_done:
+            # A call the parser closes now was cut off if the generation ran out of tokens.
+            if FINAL_STATUS[output.final_status] != "completed":
+                self._closing_status = "incomplete"
             for segment in self._parser.finish():
                 events.extend(self._apply(segment))
+            self._closing_status = "completed"
             events.extend(self._end_turn(output))
             if not self._multi_turn:
                 events.extend(self.finish())
@@ -156,7 +161,7 @@ class ResponseConverter(ResponseEvents):
             return self._start_call(segment.name)
         if isinstance(segment, CallArguments):
             return self._call_delta(segment.delta)
-        return self._close_call("completed")
+        return self._close_call(self._closing_status)
 
     @property
     def _index(self) -> int:

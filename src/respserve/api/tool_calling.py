@@ -134,11 +134,11 @@ def plan_tools(
         one_of = [
             {
                 "type": "object",
-                "properties": {"name": {"const": spec.name}, "arguments": spec.parameters},
+                "properties": {"name": {"const": tool.spec.name}, "arguments": _grammar_schema(tool)},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for spec in specs
+            for tool in offered
         ]
         schema = one_of[0] if len(one_of) == 1 else {"anyOf": one_of}
         grammar = _compile(grammars, schema, "tools")
@@ -164,7 +164,7 @@ def _forced(
         )
     parser = ForcedArgumentsParser(tool.spec.name)
     if isinstance(tool.tool, FunctionTool | ClientTool):
-        grammar = _compile(grammars, tool.spec.parameters, f"{tool.param}.parameters")
+        grammar = _compile(grammars, _grammar_schema(tool), f"{tool.param}.parameters")
         return ToolPlan(tools=[tool.spec], grammar=grammar, parser=parser, targets=targets)
     text_format = tool.tool.format
     grammar = None
@@ -240,6 +240,33 @@ def _allowed(offered: list[OfferedTool], choice: AllowedToolsChoice) -> list[Off
             )
     allowed = {ref.name for ref in choice.tools}
     return [t for t in offered if t.target.name in allowed or t.spec.name in allowed]
+
+
+def _grammar_schema(tool: OfferedTool) -> dict[str, Any]:
+    """The arguments' schema a forced call is decoded under. As OpenAI does unless `strict` is false, objects
+    that list their properties take no others: left open, a grammar lets a small model add keys forever."""
+    if isinstance(tool.tool, FunctionTool) and tool.tool.strict is False:
+        return tool.spec.parameters
+    return _closed(tool.spec.parameters)
+
+
+def _closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object that lists properties and says nothing."""
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(key), dict):
+            closed[key] = {name: _closed(sub) for name, sub in schema[key].items()}
+    for key in ("items", "not", "additionalProperties", "contains"):
+        if isinstance(schema.get(key), dict):
+            closed[key] = _closed(schema[key])
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(schema.get(key), list):
+            closed[key] = [_closed(sub) for sub in schema[key]]
+    if "properties" in schema and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def _compile(grammars: GrammarCompiler, schema: dict[str, Any], param: str) -> str:
