@@ -50,7 +50,8 @@ def test_a_killed_replicas_jobs_fail_on_the_survivor_and_nothing_stored_is_lost(
             # What the dead replica completed or stored is all there.
             assert b.get(f"/v1/responses/{done['id']}").json() == done
             assert b.get(f"/v1/conversations/{conversation['id']}").status_code == 200
-            chained = b.post("/v1/responses", json={"input": "And?", "previous_response_id": done["id"]})
+            follow_up = {"input": "And?", "previous_response_id": done["id"], "max_output_tokens": 16}
+            chained = b.post("/v1/responses", json=follow_up)
             assert chained.status_code == 200 and chained.json()["status"] in ("completed", "incomplete")
     finally:
         if doomed.poll() is None:
