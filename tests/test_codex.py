@@ -78,6 +78,49 @@ def ending_model(server: RunningServer, tmp_path_factory: pytest.TempPathFactory
     return folder
 
 
+CALL = '<tool_call>{"name": "exec_command", "arguments": {"cmd": "echo respserve-ok"}}</tool_call>'
+# ChatML that knows tools (so tool turns reach it as such), whose generation prompt after a tool result
+# ends with a token of its own.
+TOOL_TEMPLATE = (
+    "{# tools are offered natively #}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if messages[-1]['role'] == 'tool' %}<answered>{% endif %}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def calling_model(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model that, asked anything, calls Codex's `exec_command` once, then ends its turn after the result.
+
+    As in `ending_model` each next token depends on the current one alone. The whole call is one added
+    token: after a user turn ("\n") the model writes it, after it the end token; after a tool result the
+    template ends with `<answered>`, after which comes the end token. Each of the three states is a basis
+    vector and each output row a multiple of one, so every step wins by 400 logits, on any CPU.
+    """
+    folder = tmp_path_factory.mktemp("tiny-calling-qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(server.state.default_model.worker.pipeline.tokenizer.name_or_path)
+    tokenizer.add_tokens([CALL, "<answered>"])
+    tokenizer.chat_template = TOOL_TEMPLATE
+    call, answered, newline = tokenizer.convert_tokens_to_ids([CALL, "<answered>"]) + [
+        tokenizer.encode("\n", add_special_tokens=False)[0]
+    ]
+    model = tiny_qwen3(tokenizer, num_hidden_layers=1, max_position_embeddings=32768, tie_word_embeddings=False)
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        basis = torch.eye(hidden)
+        for index, token in enumerate((newline, call, answered)):
+            model.model.embed_tokens.weight[token] = basis[index]  # normed to basis[index] * sqrt(hidden)
+        model.lm_head.weight.normal_(std=0.02)
+        model.lm_head.weight[call] = 50 * basis[0]
+        model.lm_head.weight[tokenizer.eos_token_id] = 50 * (basis[1] + basis[2])
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def codex_server(ending_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     data_dir = tmp_path_factory.mktemp("codex-data")
@@ -139,3 +182,29 @@ def test_codex_with_a_small_context_gets_one_clear_error(codex: Path, server: Ru
     assert result.returncode != 0
     assert "context window" in result.stdout + result.stderr
     assert _posts(server, 400) == before + 1
+
+
+def test_codex_runs_the_command_the_model_calls_and_sends_its_output_back(
+    codex: Path, calling_model: Path, tmp_path: Path
+) -> None:
+    settings = load_settings(port=free_port(), model=str(calling_model), data_dir=str(tmp_path / "data"))
+    uv_server, thread, running = start_server(settings)
+    try:
+        before = _posts(running, 200)
+        result = run_codex(codex, running, tmp_path, "Check the setup.")
+        events = _events(result.stdout)
+        assert result.returncode == 0, result.stdout + result.stderr
+        commands = [
+            event["item"]
+            for event in events
+            if event["type"] == "item.completed" and event["item"]["type"] == "command_execution"
+        ]
+        assert commands and "echo respserve-ok" in commands[0]["command"], events
+        assert [event["type"] for event in events if event["type"].startswith("turn.")] == [
+            "turn.started",
+            "turn.completed",
+        ]
+        # The call, then the request carrying its function_call_output, which the model answered.
+        assert _posts(running, 200) == before + 2
+    finally:
+        stop_server(uv_server, thread)
