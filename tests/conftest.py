@@ -23,6 +23,7 @@ import pytest
 import torch
 import uvicorn
 from fastapi import FastAPI
+from transformers import AutoTokenizer
 
 from respserve.api.app import create_app
 from respserve.api.state import AppState
@@ -146,6 +147,47 @@ def tiny_qwen3(tokenizer: Any, **overrides: Any) -> Any:
     )
     torch.manual_seed(0)
     return Qwen3ForCausalLM(config).eval()
+
+
+def scripted_model(
+    server: RunningServer,
+    folder: Path,
+    next_token: dict[str, str],
+    chat_template: str | None = None,
+    added: tuple[str, ...] = (),
+) -> Path:
+    """Saves a tiny 32k-context Qwen3 (SmolLM2's tokenizer, plus `added` tokens) whose next token depends
+    on the current one alone, as `next_token` says (texts of single tokens; "" is the end token).
+
+    Its layer adds nothing (zero output projections), so the last position's hidden state is the normed
+    embedding of the current token; each scripted token's embedding is a basis vector, and the output row of
+    what follows it points along that vector: every scripted step wins by 400 logits, greedy or sampled, on
+    any CPU. A model that answers the same on every machine, for clients that need a whole turn."""
+    tokenizer = AutoTokenizer.from_pretrained(server.state.default_model.worker.pipeline.tokenizer.name_or_path)
+    tokenizer.add_tokens(list(added))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+
+    def token(text: str) -> int:
+        if not text:
+            return tokenizer.eos_token_id
+        [single] = tokenizer.encode(text, add_special_tokens=False)
+        return single
+
+    model = tiny_qwen3(tokenizer, num_hidden_layers=1, max_position_embeddings=32768, tie_word_embeddings=False)
+    basis = torch.eye(model.config.hidden_size)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.normal_(std=0.02)
+        model.lm_head.weight[tokenizer.eos_token_id] = 0
+        for index, (current, following) in enumerate(next_token.items()):
+            model.model.embed_tokens.weight[token(current)] = basis[index]
+            model.lm_head.weight[token(following)] += 50 * basis[index]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from conftest import RunningServer, free_port, start_server, stop_server, tiny_qwen3
-from transformers import AutoTokenizer
+from conftest import RunningServer, free_port, scripted_model, start_server, stop_server
 
 from respserve.config import load_settings
 
@@ -53,29 +51,8 @@ def codex() -> Path:
 
 @pytest.fixture(scope="module")
 def ending_model(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 1-layer Qwen3 with SmolLM2's tokenizer and a 32k context whose first token is always the end token.
-
-    Its layers add nothing (zero output projections), so the last position's hidden state is the embedding
-    of the generation prompt's last token; the end token's output row points along that state, 400 logits
-    above every other token: greedy or sampled, on any CPU, the reply ends at once, `completed`.
-    """
-    folder = tmp_path_factory.mktemp("tiny-long-qwen3")
-    tokenizer = AutoTokenizer.from_pretrained(server.state.default_model.worker.pipeline.tokenizer.name_or_path)
-    model = tiny_qwen3(tokenizer, num_hidden_layers=1, max_position_embeddings=32768, tie_word_embeddings=False)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        last = prompt[-1]
-        state = model.model.norm(model.model.embed_tokens.weight[last])
-        model.lm_head.weight.normal_(std=0.02)
-        model.lm_head.weight[tokenizer.eos_token_id] = 50 * state / state.norm()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """A model whose first token, after the generation prompt's last ("\n"), is always the end token."""
+    return scripted_model(server, tmp_path_factory.mktemp("ending-model"), {"\n": ""})
 
 
 CALL = '<tool_call>{"name": "exec_command", "arguments": {"cmd": "echo respserve-ok"}}</tool_call>'
@@ -90,35 +67,11 @@ TOOL_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def calling_model(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model that, asked anything, calls Codex's `exec_command` once, then ends its turn after the result.
-
-    As in `ending_model` each next token depends on the current one alone. The whole call is one added
-    token: after a user turn ("\n") the model writes it, after it the end token; after a tool result the
-    template ends with `<answered>`, after which comes the end token. Each of the three states is a basis
-    vector and each output row a multiple of one, so every step wins by 400 logits, on any CPU.
-    """
-    folder = tmp_path_factory.mktemp("tiny-calling-qwen3")
-    tokenizer = AutoTokenizer.from_pretrained(server.state.default_model.worker.pipeline.tokenizer.name_or_path)
-    tokenizer.add_tokens([CALL, "<answered>"])
-    tokenizer.chat_template = TOOL_TEMPLATE
-    call, answered, newline = tokenizer.convert_tokens_to_ids([CALL, "<answered>"]) + [
-        tokenizer.encode("\n", add_special_tokens=False)[0]
-    ]
-    model = tiny_qwen3(tokenizer, num_hidden_layers=1, max_position_embeddings=32768, tie_word_embeddings=False)
-    hidden = model.config.hidden_size
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        basis = torch.eye(hidden)
-        for index, token in enumerate((newline, call, answered)):
-            model.model.embed_tokens.weight[token] = basis[index]  # normed to basis[index] * sqrt(hidden)
-        model.lm_head.weight.normal_(std=0.02)
-        model.lm_head.weight[call] = 50 * basis[0]
-        model.lm_head.weight[tokenizer.eos_token_id] = 50 * (basis[1] + basis[2])
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """A model that, asked anything, calls Codex's `exec_command` once (the whole call is one added token),
+    and after the tool result (the template then ends with `<answered>`) ends its turn."""
+    script = {"\n": CALL, CALL: "", "<answered>": ""}
+    folder = tmp_path_factory.mktemp("calling-model")
+    return scripted_model(server, folder, script, TOOL_TEMPLATE, added=(CALL, "<answered>"))
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,23 @@ from typing import Annotated, Any
 import httpx
 import pytest
 import uvicorn
-from conftest import OpenResponsesSchema, RunningServer, ban, free_port, stream_events, tokens_containing
+from conftest import (
+    OpenResponsesSchema,
+    RunningServer,
+    ban,
+    free_port,
+    scripted_model,
+    start_server,
+    stop_server,
+    stream_events,
+    tokens_containing,
+)
 from mcp.server.mcpserver import MCPServer
 from pydantic import Field
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from respserve.api.mcp import MAX_GENERATIONS
+from respserve.config import load_settings
 
 TOKEN = "s3cret"
 Small = Annotated[int, Field(ge=0, le=99)]  # bounded, so the forced call's JSON ends on any CPU
@@ -146,3 +159,36 @@ def test_approval_is_asked_then_the_approved_call_runs(http: httpx.Client, serve
     unknown = {**answer, "approval_request_id": "mcpr_nope"}
     refused = http.post("/v1/responses", json=_body(server, tools, input=[unknown], previous_response_id=first["id"]))
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "input[0].approval_request_id"
+
+
+ADD = '<tool_call>{"name": "calc.add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+NATIVE_CHATML = (
+    "{# tools are offered natively #}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def always_calling(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A model that calls calc.add after every turn, its result included: only a bound stops it."""
+    folder = scripted_model(
+        server, tmp_path_factory.mktemp("always-calling"), {"\n": ADD, ADD: ""}, NATIVE_CHATML, added=(ADD,)
+    )
+    data_dir = tmp_path_factory.mktemp("always-calling-data")
+    uv_server, thread, running = start_server(
+        load_settings(port=free_port(), model=str(folder), data_dir=str(data_dir))
+    )
+    yield running
+    stop_server(uv_server, thread)
+
+
+def test_the_loop_stops_at_max_tool_calls_or_at_the_generation_cap(always_calling: RunningServer, mcp_url: str) -> None:
+    tools = [_tool(mcp_url, require_approval="never")]
+    with httpx.Client(base_url=always_calling.base_url, timeout=120) as http:
+        bounded = http.post("/v1/responses", json={"input": "Add.", "tools": tools, "max_tool_calls": 2}).json()
+        assert [item["type"] for item in bounded["output"]] == ["mcp_list_tools", "mcp_call", "mcp_call"]
+        assert [item["output"] for item in bounded["output"][1:]] == ["5", "5"]
+        endless = http.post("/v1/responses", json={"input": "Add.", "tools": tools}).json()
+        calls = [item for item in endless["output"] if item["type"] == "mcp_call"]
+        assert len(calls) == MAX_GENERATIONS and all(call["status"] == "completed" for call in calls)
+        assert endless["status"] == "completed"

@@ -36,6 +36,9 @@ from respserve.protocol.request import CreateResponseRequest
 from respserve.protocol.tools import McpTool
 
 logger = logging.getLogger(__name__)
+# Generations one response may run: a model that calls a tool after every result would otherwise never
+# stop when `max_tool_calls` is not set.
+MAX_GENERATIONS = 16
 
 
 def mcp_servers(body: CreateResponseRequest) -> list[McpTool]:
@@ -101,6 +104,7 @@ class McpSession:
     new_listings: list[McpListToolsItem] = field(default_factory=list)
     approved: list[McpCallItem] = field(default_factory=list)
     made: list[dict[str, Any]] = field(default_factory=list)  # the response's items, for the next turn
+    generations: int = 1
     plan_turn: Callable[[list[dict[str, Any]]], Awaitable[tuple[OutputStream, Any, Any]]] | None = None
 
     @classmethod
@@ -171,6 +175,10 @@ class McpSession:
         for call in pending:
             output, error = await call_tool(self.servers[call.server_label], call.name, call.arguments)
             events += converter.mcp_call_done(call, output, error)
+        if self.generations >= MAX_GENERATIONS:
+            logger.warning("a response reached %d generations of MCP calls; it ends there", MAX_GENERATIONS)
+            return events, None
+        self.generations += 1
         outputs, parser, targets = await self.plan_turn(converter.output_so_far())
         converter.next_turn(parser, targets)
         return events, outputs
