@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any, Literal
 
 import llguidance
@@ -39,22 +40,20 @@ class GrammarCompiler:
             return self._tokenizer
 
     def json_schema(self, schema: dict[str, Any]) -> str:
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_LAYOUT)
-        except (ValueError, RuntimeError, TypeError) as exc:
-            raise InvalidGrammar(str(exc)) from exc
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if error:
-            raise InvalidGrammar(error)
-        return grammar
+        return self._checked(
+            lambda: llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_JSON_LAYOUT)
+        )
 
     def text_grammar(self, syntax: Literal["lark", "regex"], definition: str) -> str:
         """A Lark grammar (llguidance's dialect) or a regular expression the whole output must match."""
+        if syntax == "lark":
+            return self._checked(lambda: llguidance.LLMatcher.grammar_from_lark(definition))
+        return self._checked(lambda: llguidance.LLMatcher.grammar_from_regex(definition))
+
+    def _checked(self, build: Callable[[], str]) -> str:
+        """The grammar `build` makes, validated against this tokenizer; InvalidGrammar says why not."""
         try:
-            if syntax == "lark":
-                grammar = llguidance.LLMatcher.grammar_from_lark(definition)
-            else:
-                grammar = llguidance.LLMatcher.grammar_from_regex(definition)
+            grammar = build()
         except (ValueError, RuntimeError, TypeError) as exc:
             raise InvalidGrammar(str(exc)) from exc
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
