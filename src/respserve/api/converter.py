@@ -376,13 +376,16 @@ class ResponseConverter(ResponseEvents):
         ]
 
     def approved_mcp_call(self, call: McpCallItem) -> list[StreamEvent]:
-        """A call the caller approved (`mcp_approval_response`), about to run before the model goes on."""
+        """A call the caller approved (`mcp_approval_response`), run before the first generation, told as it
+        would have streamed."""
         self._items.append(call)
         where = {"item_id": call.id, "output_index": self._index}
+        started = call.model_copy(update={"status": "in_progress", "output": None, "error": None})
         return [
-            self._event(OutputItemAddedEvent(output_index=self._index, item=call.model_copy())),
+            self._event(OutputItemAddedEvent(output_index=self._index, item=started)),
             self._event(McpCallInProgressEvent(**where)),
             self._event(McpCallArgumentsDoneEvent(**where, arguments=call.arguments)),
+            *self._mcp_outcome(call),
         ]
 
     def pending_mcp_calls(self) -> list[McpCallItem]:
@@ -393,12 +396,13 @@ class ResponseConverter(ResponseEvents):
         return any(isinstance(item, McpApprovalRequestItem) for item in self._items)
 
     def mcp_call_done(self, call: McpCallItem, output: str | None, error: str | None) -> list[StreamEvent]:
+        call.settle(output, error)
+        return self._mcp_outcome(call)
+
+    def _mcp_outcome(self, call: McpCallItem) -> list[StreamEvent]:
         index = self._items.index(call)
-        call.output, call.status = output, "failed" if error else "completed"
-        if error:
-            call.error = {"type": "tool_execution_error", "message": error}
         where = {"item_id": call.id, "output_index": index}
-        outcome = McpCallFailedEvent(**where) if error else McpCallCompletedEvent(**where)
+        outcome = McpCallFailedEvent(**where) if call.status == "failed" else McpCallCompletedEvent(**where)
         return [self._event(outcome), self._event(OutputItemDoneEvent(output_index=index, item=call.model_copy()))]
 
     def output_so_far(self) -> list[dict[str, Any]]:

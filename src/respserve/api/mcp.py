@@ -103,7 +103,6 @@ class McpSession:
     listings: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     new_listings: list[McpListToolsItem] = field(default_factory=list)
     approved: list[McpCallItem] = field(default_factory=list)
-    made: list[dict[str, Any]] = field(default_factory=list)  # the response's items, for the next turn
     generations: int = 1
     plan_turn: Callable[[list[dict[str, Any]]], Awaitable[tuple[OutputStream, Any, Any]]] | None = None
 
@@ -149,10 +148,7 @@ class McpSession:
                 status="in_progress",
                 approval_request_id=request.id,
             )
-            output, error = await call_tool(self.servers[request.server_label], request.name, request.arguments)
-            call.output, call.status = output, "failed" if error else "completed"
-            if error:
-                call.error = {"type": "tool_execution_error", "message": error}
+            call.settle(*await call_tool(self.servers[request.server_label], request.name, request.arguments))
             self.approved.append(call)
 
     def context_items(self) -> list[dict[str, Any]]:
@@ -163,7 +159,6 @@ class McpSession:
         events = [event for item in self.new_listings for event in converter.mcp_listing(item)]
         for call in self.approved:
             events += converter.approved_mcp_call(call)
-            events += converter.mcp_call_done(call, call.output, call.error["message"] if call.error else None)
         return events
 
     async def next_turn(self, converter: ResponseConverter) -> tuple[list[StreamEvent], OutputStream | None]:

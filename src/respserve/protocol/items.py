@@ -257,6 +257,12 @@ class McpCallItem(BaseModel):
     status: Literal["in_progress", "completed", "incomplete", "calling", "failed"]
     approval_request_id: str | None = None
 
+    def settle(self, output: str | None, error: str | None) -> None:
+        """Records what running the call gave: its output, or the error that failed it."""
+        self.output, self.status = output, "failed" if error else "completed"
+        if error:
+            self.error = {"type": "tool_execution_error", "message": error}
+
 
 class McpApprovalRequestItem(BaseModel):
     type: Literal["mcp_approval_request"] = "mcp_approval_request"

@@ -149,7 +149,8 @@ async def _plan(
         return _Work(image_model.worker, request, converter)
     turns = await McpSession.open(body, stored_context) if mcp_servers(body) else None
     if turns is not None:
-        generation, tool_plan = await _plan_mcp_turn(body, stored_context, served, state, turns, first=True)
+        made = turns.context_items()  # the approved calls just run
+        generation, tool_plan = await _plan_mcp_turn(body, stored_context, served, state, turns, made, first=True)
     else:
         generation, tool_plan = await plan_generation(body, stored_context, served, state)
     # One call when parallel calls are off; at most max_tool_calls otherwise (over every turn with MCP).
@@ -170,8 +171,7 @@ async def _plan(
     if turns is not None:
 
         async def plan_turn(made: list[dict[str, Any]]) -> tuple[OutputStream, OutputParser, dict[str, CallTarget]]:
-            turns.made = made
-            generation, plan = await _plan_mcp_turn(body, stored_context, served, state, turns, first=False)
+            generation, plan = await _plan_mcp_turn(body, stored_context, served, state, turns, made, first=False)
             return served.worker.submit(generation), output_parser(plan, generation, served, state), plan.targets
 
         turns.plan_turn = plan_turn
@@ -184,12 +184,13 @@ async def _plan_mcp_turn(
     served: ServedModel,
     state: AppState,
     turns: McpSession,
+    made: list[dict[str, Any]],
     first: bool,
 ) -> tuple[GenerationRequest, ToolPlan]:
     """A generation of a response with MCP tools: over the stored context, the request's input and what the
-    response has made so far; only the first one is held to `tool_choice` (the next ones may answer)."""
+    response has made so far (`made`, wire items); only the first one is held to `tool_choice` (the next
+    ones may answer)."""
     sent = [InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input)
-    made = turns.context_items() if first else turns.made
     context = [*stored_context, *sent, *context_items(made)]
     turn = body.model_copy(update={"input": [], "tool_choice": body.tool_choice if first else "auto"})
     return await plan_generation(turn, context, served, state, turns.listings)
