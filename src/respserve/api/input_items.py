@@ -13,23 +13,24 @@ from pydantic import TypeAdapter
 from respserve.protocol.ids import new_id
 from respserve.protocol.items import (
     AssistantInputMessage,
-    ClientToolCallInput,
-    ClientToolOutputInput,
-    CustomToolCallInput,
-    CustomToolCallOutputInput,
     FunctionCallInput,
     FunctionCallOutputInput,
     ImageGenerationCall,
     InputItem,
-    McpApprovalRequestInput,
-    McpApprovalResponseInput,
-    McpCallInput,
-    McpListToolsInput,
-    ReasoningInput,
 )
 
 _ITEMS = TypeAdapter(list[InputItem])
-_MCP_PREFIXES = {
+# The id an item sent without one is stored under, by type (messages and function calls are handled apart).
+_ID_PREFIXES = {
+    "reasoning": "rs",
+    "custom_tool_call": "ctc",
+    "custom_tool_call_output": "ctco",
+    "local_shell_call": "lsh",
+    "local_shell_call_output": "lsho",
+    "shell_call": "sh",
+    "shell_call_output": "sho",
+    "apply_patch_call": "apc",
+    "apply_patch_call_output": "apco",
     "mcp_list_tools": "mcpl",
     "mcp_call": "mcp",
     "mcp_approval_request": "mcpr",
@@ -44,8 +45,8 @@ def stored_input_items(request_input: str | list[Any]) -> list[dict[str, Any]]:
     stored = []
     for item in request_input:
         data = item.model_dump(mode="json", exclude_none=True)
-        if isinstance(item, ReasoningInput):
-            stored.append({**data, "id": item.id or new_id("rs")})
+        if item.type in _ID_PREFIXES:
+            stored.append({**data, "id": item.id or new_id(_ID_PREFIXES[item.type])})
             continue
         if isinstance(item, ImageGenerationCall):
             stored.append(data)
@@ -53,16 +54,6 @@ def stored_input_items(request_input: str | list[Any]) -> list[dict[str, Any]]:
         if isinstance(item, FunctionCallInput | FunctionCallOutputInput):
             prefix = "fc" if isinstance(item, FunctionCallInput) else "fco"
             stored.append({**data, "id": item.id or new_id(prefix), "status": item.status or "completed"})
-            continue
-        if isinstance(item, CustomToolCallInput | CustomToolCallOutputInput):
-            prefix = "ctc" if isinstance(item, CustomToolCallInput) else "ctco"
-            stored.append({**data, "id": item.id or new_id(prefix)})
-            continue
-        if isinstance(item, ClientToolCallInput | ClientToolOutputInput):
-            stored.append({**data, "id": item.id or new_id("ctco" if item.type.endswith("_output") else "ctc")})
-            continue
-        if isinstance(item, McpListToolsInput | McpCallInput | McpApprovalRequestInput | McpApprovalResponseInput):
-            stored.append({**data, "id": item.id or new_id(_MCP_PREFIXES[item.type])})
             continue
         if isinstance(data["content"], str):
             part_type = "output_text" if isinstance(item, AssistantInputMessage) else "input_text"

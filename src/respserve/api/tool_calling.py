@@ -115,7 +115,6 @@ def plan_tools(
         choice = choice.mode
     if not offered or choice == "none":
         return ToolPlan.none()
-    specs = [tool.spec for tool in offered]
     targets = {tool.spec.name: tool.target for tool in offered}
     if isinstance(choice, McpToolChoice):  # any tool of that server (or the one named): a required call
         offered = [t for t in offered if t.target.server_label == choice.server_label]
@@ -125,11 +124,12 @@ def plan_tools(
                 f"tool_choice names an MCP tool that server '{choice.server_label}' does not offer.",
                 param="tool_choice",
             )
-        specs, choice = [t.spec for t in offered], "required"
+        choice = "required"
     if isinstance(choice, ClientToolChoice):
         choice = FunctionToolChoice(name=choice.type)  # offered under its type's name
     if isinstance(choice, FunctionToolChoice | CustomToolChoice):
         return _forced(offered, choice, grammars, targets)
+    specs = [tool.spec for tool in offered]
     if choice == "required":
         one_of = [
             {
