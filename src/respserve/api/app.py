@@ -75,11 +75,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if not store.shared:  # a store of this process alone: what it left unfinished died with it
+        if store.shared:  # replicas: leases tell a dead replica's responses from a live one's
+            state.leases.start()
+        else:  # a store of this process alone: what it left unfinished died with it
             interrupted = store.fail_unfinished("The server restarted before this response finished.")
             if interrupted:
                 logger.warning("marked %d responses interrupted by a restart as failed", interrupted)
-        state.leases.start()
         state.background.connect()
         served = load_text_model(settings)
         state.models[served.name] = served
