@@ -38,6 +38,19 @@ UNSERVED = [
 BASE = {"input": "Hello", "temperature": 0, "max_output_tokens": 16}
 
 
+def _sent_back_as_through_the_chain(
+    http: httpx.Client, tools: list[dict], call: dict, result: dict, previous_id: str
+) -> dict:
+    """Sends a call and its result back as input, and the result alone through `previous_response_id`:
+    both must render the same prompt. Returns the first response."""
+    explicit = {**BASE, "tools": tools, "input": [{"role": "user", "content": "Hello"}, call, result]}
+    chained = {**BASE, "tools": tools, "input": [result], "previous_response_id": previous_id}
+    sent_back, through_chain = http.post("/v1/responses", json=explicit), http.post("/v1/responses", json=chained)
+    assert sent_back.status_code == 200 and through_chain.status_code == 200, sent_back.text
+    assert sent_back.json()["usage"]["input_tokens"] == through_chain.json()["usage"]["input_tokens"]
+    return sent_back.json()
+
+
 def test_codex_tool_list_is_served_and_unserved_tools_are_named(
     http: httpx.Client, schema: OpenResponsesSchema
 ) -> None:
@@ -74,20 +87,11 @@ def test_a_namespaced_call_carries_its_namespace(http: httpx.Client, schema: Ope
     jsonschema.validate(json.loads(call["arguments"]), CITY)
     # Sent back, with its output, the call renders under the same qualified name as through a chain.
     result = {"type": "function_call_output", "call_id": call["call_id"], "output": "started"}
-    explicit = {**BASE, "tools": [SHELL, AGENTS], "input": [{"role": "user", "content": "Hello"}, call, result]}
-    chained = {
-        **BASE,
-        "tools": [SHELL, AGENTS],
-        "input": [result],
-        "previous_response_id": events[-1]["response"]["id"],
-    }
-    sent_back = http.post("/v1/responses", json=explicit)
-    through_chain = http.post("/v1/responses", json=chained)
-    assert sent_back.status_code == 200 and through_chain.status_code == 200, sent_back.text
-    assert sent_back.json()["usage"]["input_tokens"] == through_chain.json()["usage"]["input_tokens"]
+    sent_back = _sent_back_as_through_the_chain(http, [SHELL, AGENTS], call, result, events[-1]["response"]["id"])
     without_namespace = {**call, "namespace": None}
-    other = http.post("/v1/responses", json={**explicit, "input": [explicit["input"][0], without_namespace, result]})
-    assert other.json()["usage"]["input_tokens"] < sent_back.json()["usage"]["input_tokens"]
+    other_input = [{"role": "user", "content": "Hello"}, without_namespace, result]
+    other = http.post("/v1/responses", json={**BASE, "tools": [SHELL, AGENTS], "input": other_input})
+    assert other.json()["usage"]["input_tokens"] < sent_back["usage"]["input_tokens"]
 
 
 def test_plain_function_calls_have_no_namespace_key(http: httpx.Client) -> None:
@@ -167,15 +171,8 @@ def test_a_forced_custom_tool_streams_input_its_grammar_allows(http: httpx.Clien
     assert final["tools"][1] == PICK and final["tool_choice"] == {"type": "custom", "name": "pick_city"}
     # Its output goes back as a custom_tool_call_output, with the call or through a chain: the same prompt.
     result = {"type": "custom_tool_call_output", "call_id": call["call_id"], "output": "done"}
-    explicit = http.post(
-        "/v1/responses", json={**BASE, "tools": [PICK], "input": [{"role": "user", "content": "Hello"}, call, result]}
-    )
-    chained = http.post(
-        "/v1/responses", json={**BASE, "tools": [PICK], "input": [result], "previous_response_id": final["id"]}
-    )
-    assert explicit.status_code == 200 and chained.status_code == 200, explicit.text
-    assert explicit.json()["usage"]["input_tokens"] == chained.json()["usage"]["input_tokens"]
-    items = http.get(f"/v1/responses/{explicit.json()['id']}/input_items", params={"order": "asc"}).json()["data"]
+    sent_back = _sent_back_as_through_the_chain(http, [PICK], call, result, final["id"])
+    items = http.get(f"/v1/responses/{sent_back['id']}/input_items", params={"order": "asc"}).json()["data"]
     assert [item["type"] for item in items] == ["message", "custom_tool_call", "custom_tool_call_output"]
 
 
@@ -243,8 +240,4 @@ def test_client_executed_tools_become_their_call_items(
         "local_shell_call": {"type": "local_shell_call_output", "id": call["call_id"], "output": "hi"},
     }
     result = outputs[item_type]
-    explicit = {**BASE, "tools": [tool], "input": [{"role": "user", "content": "Hello"}, call, result]}
-    chained = {**BASE, "tools": [tool], "input": [result], "previous_response_id": final["id"]}
-    sent_back, through_chain = http.post("/v1/responses", json=explicit), http.post("/v1/responses", json=chained)
-    assert sent_back.status_code == 200 and through_chain.status_code == 200, sent_back.text
-    assert sent_back.json()["usage"]["input_tokens"] == through_chain.json()["usage"]["input_tokens"]
+    _sent_back_as_through_the_chain(http, [tool], call, result, final["id"])
