@@ -257,9 +257,14 @@ def postgres_url() -> Iterator[str]:
         admin.close()
 
 
+def sdk_client(server: RunningServer, api_key: str = "test") -> openai.OpenAI:
+    """The openai SDK pointed at `server`: no retries, so a failure shows as it happened."""
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
 @pytest.fixture(scope="session")
 def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="test", max_retries=0, timeout=120)
+    return sdk_client(server)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from conftest import RunningServer, free_port, long_job, sdk_kwargs, start_server, stop_server
+from conftest import RunningServer, free_port, long_job, sdk_client, sdk_kwargs, start_server, stop_server
 
 from respserve.config import load_settings
 
@@ -24,7 +24,7 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
 
 
 def _client(server: RunningServer, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=key, max_retries=0, timeout=120)
+    return sdk_client(server, key)
 
 
 def test_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

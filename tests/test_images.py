@@ -13,10 +13,18 @@ from typing import Any
 
 import httpx
 import numpy as np
-import openai
 import pytest
 import torch
-from conftest import OpenResponsesSchema, RunningServer, free_port, start_server, stop_server, stream_events, wait_for
+from conftest import (
+    OpenResponsesSchema,
+    RunningServer,
+    free_port,
+    sdk_client,
+    start_server,
+    stop_server,
+    stream_events,
+    wait_for,
+)
 from PIL import Image
 
 from respserve.config import load_settings
@@ -241,7 +249,7 @@ def test_negative_prompt_changes_the_image(ihttp: httpx.Client) -> None:
 
 
 def test_image_generation_tool_on_a_text_model(image_server: RunningServer) -> None:
-    client = openai.OpenAI(base_url=f"{image_server.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+    client = sdk_client(image_server, "x")
     response = client.responses.create(
         model=TEXT_MODEL,
         input="Draw a lighthouse at night.",

@@ -18,6 +18,7 @@ from conftest import (
     never_ends,
     parse_sse,
     prompt_tokens,
+    sdk_client,
     sdk_kwargs,
     start_server,
     stop_server,
@@ -39,7 +40,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="test", max_retries=0, timeout=120)
+    return sdk_client(server)
 
 
 @pytest.fixture(scope="module")
