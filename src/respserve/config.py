@@ -98,6 +98,15 @@ class Settings(BaseSettings):
         default=4096, ge=16, description="Cap on one response's output tokens (and the default when none is set)."
     )
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_file_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="Largest file an upload (POST /v1/files, 413) or an input_file's file_data (400) may hold.",
+    )
+    max_file_pages: int = Field(default=500, ge=1, description="A PDF input_file with more pages is a 400.")
+    max_file_chars: int = Field(
+        default=1_000_000, ge=1, description="An input_file whose text (or a PDF's extracted text) is longer is a 400."
+    )
     request_timeout_s: float = Field(
         default=600.0, gt=0, description="A non-streamed generation running longer is stopped (504)."
     )

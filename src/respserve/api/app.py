@@ -19,7 +19,7 @@ from respserve.api.errors import install_error_handlers
 from respserve.api.leases import LeaseKeeper
 from respserve.api.metrics import Metrics
 from respserve.api.request_log import RequestLogMiddleware
-from respserve.api.routes import conversations, health, images, models, responses
+from respserve.api.routes import conversations, files, health, images, models, responses
 from respserve.api.routes import metrics as metrics_routes
 from respserve.api.state import AppState, ServedImageModel, ServedModel
 from respserve.config import Settings
@@ -31,6 +31,7 @@ from respserve.engine.worker import PipelineWorker, WorkerLimits
 from respserve.store import open_store
 
 logger = logging.getLogger(__name__)
+UPLOAD_FRAMING_BYTES = 64 * 1024
 
 
 def load_text_model(settings: Settings) -> ServedModel:
@@ -104,7 +105,9 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="respserve", version=__version__, lifespan=lifespan)
     app.state.respserve = state
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # An upload's body is its file plus the multipart framing; the route itself refuses a file over the cap.
+    upload_limit = (settings.max_file_bytes + UPLOAD_FRAMING_BYTES, "file")
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={"/v1/files": upload_limit})
     app.add_middleware(RequestLogMiddleware, metrics=metrics, json_logs=settings.log_json)
     app.include_router(health.router)
     app.include_router(metrics_routes.router)
@@ -112,4 +115,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(responses.router)
     app.include_router(conversations.router)
     app.include_router(images.router)
+    app.include_router(files.router)
     return app

@@ -1,4 +1,8 @@
-"""Request bodies above the configured size are refused with 413, before they are read whole."""
+"""Request bodies above the configured size are refused with 413, before they are read whole.
+
+Some paths take larger bodies (file uploads): `path_limits` gives each its own size and the parameter
+its refusal names.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, tuple[int, str]] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes, param = self.path_limits.get(scope["path"], (self.max_bytes, None))
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await self._refuse(send, max_bytes, param)
             return
         if declared is not None:
             await self.app(scope, receive, send)  # the server enforces the declared length
@@ -32,8 +38,8 @@ class BodyLimitMiddleware:
                 break
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(send)
+            if size > max_bytes:
+                await self._refuse(send, max_bytes, param)
                 return
             if not message.get("more_body", False):
                 break
@@ -48,13 +54,13 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, max_bytes: int, param: str | None) -> None:
         body = json.dumps(
             {
                 "error": {
-                    "message": f"The request body is larger than {self.max_bytes} bytes.",
+                    "message": f"The request body is larger than {max_bytes} bytes.",
                     "type": "invalid_request_error",
-                    "param": None,
+                    "param": param,
                     "code": "request_too_large",
                 }
             }

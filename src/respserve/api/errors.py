@@ -43,6 +43,11 @@ class NotFoundError(APIError):
     error_type = "not_found_error"
 
 
+class RequestTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
 class RateLimitError(APIError):
     status_code = 429
     error_type = "rate_limit_error"

@@ -7,3 +7,8 @@ import uuid
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def new_file_id() -> str:
+    """OpenAI's file ids take a hyphen (`file-abc123`), unlike its other ids."""
+    return f"file-{uuid.uuid4().hex}"

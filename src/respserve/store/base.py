@@ -27,6 +27,25 @@ class StoredImage:
 
 
 @dataclass(frozen=True)
+class StoredFile:
+    """An uploaded file's record; its bytes are read apart (`read_file`)."""
+
+    id: str
+    filename: str
+    purpose: str
+    media_type: str
+    bytes: int
+    created_at: int
+    expires_at: int | None = None
+
+
+@dataclass(frozen=True)
+class FilePage:
+    files: list[StoredFile]
+    has_more: bool
+
+
+@dataclass(frozen=True)
 class StoredConversation:
     id: str
     created_at: int
@@ -34,7 +53,7 @@ class StoredConversation:
 
 
 class ResponseStore(ABC):
-    """Responses (resource JSON, input items, output items, stream events, images) and conversations."""
+    """Responses (resource JSON, input items, output items, stream events, images), conversations and files."""
 
     # ---- responses --------------------------------------------------------------------------------------
     @abstractmethod
@@ -100,6 +119,25 @@ class ResponseStore(ABC):
 
     @abstractmethod
     def get_image(self, image_id: str, owner: str | None) -> StoredImage | None: ...
+
+    # ---- uploaded files (`/v1/files`); an expired file is gone for every read -------------------------
+    @abstractmethod
+    def save_file(self, file: StoredFile, data: bytes, owner: str | None) -> None: ...
+
+    @abstractmethod
+    def get_file(self, file_id: str, owner: str | None) -> StoredFile | None: ...
+
+    @abstractmethod
+    def read_file(self, file_id: str, owner: str | None) -> tuple[StoredFile, bytes] | None: ...
+
+    @abstractmethod
+    def list_files(
+        self, owner: str | None, purpose: str | None, limit: int, order: Order, after: str | None
+    ) -> FilePage:
+        """Oldest first (`asc`) or newest first; `after` is a file id, as for items."""
+
+    @abstractmethod
+    def delete_file(self, file_id: str, owner: str | None) -> bool: ...
 
     # ---- conversations ---------------------------------------------------------------------------------
     @abstractmethod

@@ -72,6 +72,21 @@ MIGRATIONS: list[str] = [
     ALTER TABLE responses ADD COLUMN replica TEXT;  -- the replica running it, while it runs
     ALTER TABLE responses ADD COLUMN lease_expires BIGINT;
     """,
+    """
+    CREATE TABLE files (
+        position BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- upload order, which lists follow
+        id TEXT NOT NULL UNIQUE,
+        owner TEXT,
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        media_type TEXT NOT NULL,
+        bytes BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT,
+        data BYTEA NOT NULL
+    );
+    CREATE INDEX files_by_owner ON files (owner, position);
+    """,
 ]
 _MIGRATION_LOCK = 0x7265737073  # any constant shared by every replica ("resps")
 _CHANNELS: dict[Channel, str] = {"events": "respserve_events", "cancel": "respserve_cancel"}

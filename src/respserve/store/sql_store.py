@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from respserve.store.base import Channel, Item, ItemPage, Order, ResponseStore, StoredConversation, StoredImage
+from respserve.store.sql_files import SqlFiles
 
 _INPUT, _OUTPUT = 0, 1
 Row = tuple[Any, ...]
@@ -58,7 +59,7 @@ class SqlBackend(ABC):
     def close(self) -> None: ...
 
 
-class SqlResponseStore(ResponseStore):
+class SqlResponseStore(SqlFiles, ResponseStore):
     def __init__(self, backend: SqlBackend) -> None:
         self._db = backend
         self.shared = backend.shared

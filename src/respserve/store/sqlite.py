@@ -65,6 +65,21 @@ MIGRATIONS: list[str] = [
     ALTER TABLE responses ADD COLUMN replica TEXT;  -- the process running it, while it runs
     ALTER TABLE responses ADD COLUMN lease_expires INTEGER;
     """,
+    """
+    CREATE TABLE files (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,  -- upload order, which lists follow
+        id TEXT NOT NULL UNIQUE,
+        owner TEXT,
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        media_type TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        data BLOB NOT NULL
+    );
+    CREATE INDEX files_by_owner ON files (owner, position);
+    """,
 ]
 
 

@@ -20,6 +20,7 @@ from respserve.api.converter import ResponseConverter
 from respserve.api.encrypted_reasoning import INCLUDE as ENCRYPTED_REASONING
 from respserve.api.encrypted_reasoning import open_reasoning_items
 from respserve.api.errors import GatewayTimeoutError, InvalidRequestError, NotFoundError, RateLimitError
+from respserve.api.file_inputs import read_input_files
 from respserve.api.generation_plan import output_parser, plan_generation, stored_context_items
 from respserve.api.image_converter import ImageCallConverter, ImageMessageConverter
 from respserve.api.image_plan import forced_image_tool, plan_image, plan_image_tool, tool_image_model
@@ -63,11 +64,13 @@ async def create_response(
         )
     open_reasoning_items(body, state.reasoning_sealer)
     stored_context = await stored_context_items(body, state, owner)
-    input_items = stored_input_items(body.input)
+    input_items = stored_input_items(body.input)  # as sent: input_file parts are stored as they came
+    # What the model reads: every input_file part read into the text or image part it holds.
+    read_body, read_context = await read_input_files(body, stored_context, state, owner)
     resource = initial_resource(body, served.name)
     if body.background:
         resource.status = "queued"
-    work = await _plan(body, stored_context, served, state, resource, str(http_request.base_url))
+    work = await _plan(read_body, read_context, served, state, resource, str(http_request.base_url))
     try:
         outputs = work.worker.submit(work.request)
     except QueueFull as exc:
