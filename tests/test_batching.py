@@ -8,11 +8,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import torch
 from conftest import RunningServer, free_port, long_job, never_ends, start_server, stop_server, wait_for
 
 from respserve.config import load_settings
-from respserve.engine.generation import ChatMessage, GenerationRequest, SamplingParams
 from respserve.engine.sequence import Sequence
 
 
@@ -145,16 +143,16 @@ def test_a_crashed_worker_fails_its_requests_and_serves_on(
 ) -> None:
     # Fault injection: the batch bookkeeping itself raises once, past every per-request guard.
     worker = server.state.default_model.worker
-    original = worker._keep
+    original = worker.scheduler.computed
     crashed = threading.Event()
 
-    def keep(predicate):  # noqa: ANN001, ANN202
+    def computed(chunks):  # noqa: ANN001, ANN202
         if not crashed.is_set() and worker.num_running >= 2:
             crashed.set()
             raise RuntimeError("worker crash")
-        return original(predicate)
+        return original(chunks)
 
-    monkeypatch.setattr(worker, "_keep", keep)
+    monkeypatch.setattr(worker.scheduler, "computed", computed)
     restarts = worker.restarts
     bodies = [long_job(server, max_output_tokens=64, input=f"Count to {n}.") for n in (10, 20)]
     results = asyncio.run(_post_all(server.base_url, bodies))
@@ -163,34 +161,3 @@ def test_a_crashed_worker_fails_its_requests_and_serves_on(
     assert all(result["error"]["code"] == "server_error" for result in results)
     monkeypatch.undo()
     assert worker.alive and http_ok(server)
-
-
-def test_prefill_from_the_cached_chat_prefix_matches_a_full_prefill(server: RunningServer) -> None:
-    pipeline = server.state.default_model.worker.pipeline
-    prefix = pipeline.prefix
-    assert prefix is not None and len(prefix) >= 8  # SmolLM2's template head: system prompt, user turn
-    requests = [
-        GenerationRequest(
-            f"prefix-{n}",
-            pipeline.render_prompt([ChatMessage(role="user", content="Name a colour." + " Quickly!" * n)]),
-            SamplingParams(max_tokens=8, temperature=0),
-        )
-        for n in range(4)
-    ]
-    assert all(prefix.covers(request.prompt_token_ids) for request in requests)
-
-    def prefill() -> torch.Tensor:
-        sequences = [
-            Sequence(request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts)
-            for request in requests
-        ]
-        return pipeline.prefill(sequences)[0]
-
-    cached = prefill()
-    pipeline.prefix = None
-    try:
-        full = prefill()
-    finally:
-        pipeline.prefix = prefix
-    assert torch.allclose(cached, full, atol=1e-3)
-    assert cached.argmax(-1).tolist() == full.argmax(-1).tolist()

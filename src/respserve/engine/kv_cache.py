@@ -1,132 +1,95 @@
-"""The running batch's KV cache: one left-padded tensor per layer, grown in place, with its padding mask.
+"""The KV pool: per layer, one key and one value tensor of `num_blocks * block_size` token slots.
 
-Sequences join (after a prefill) by padding both sides on the left to a common length and stacking on
-the batch dimension; they leave by selecting the remaining rows. Each layer keeps spare capacity along
-the sequence axis, so a decode step writes one column instead of copying the whole cache (transformers'
-DynamicLayer concatenates, which at batch 32 x 300 tokens copied ~220 MB per step for SmolLM2).
+Sequences own blocks of slots (block_manager.py); nothing here knows which. Each layer's attention hands
+its new keys and values to `update`, which writes them into the slots the step assigned (StepLayout's
+`slot_mapping`) and returns the whole pool for that layer, which the paged attention function reads through
+the step's block tables. Nothing is padded and nothing is copied when sequences join or leave the batch.
+
+A slot holds [kv_heads, head_dim]: the pool is [slots, kv_heads, head_dim], the same bytes as
+[num_blocks, block_size, kv_heads, head_dim], the layout paged-attention kernels take.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-_MIN_CAPACITY = 64
+from respserve.engine.block_manager import NULL_BLOCK
 
 
-class GrowableKVLayer(DynamicLayer):
-    """A DynamicLayer whose `keys`/`values` are views into buffers with room to grow."""
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """2 (key and value) x layers x kv heads x head dim x the dtype's size."""
+    layers, kv_heads, head_dim = kv_shape(config)
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
+
+def kv_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a transformers text config."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return int(config.num_hidden_layers), kv_heads, head_dim
+
+
+class PagedKVCache:
+    """The pool, shaped as transformers' attention layers expect a cache to behave (`update`)."""
+
+    def __init__(self, config: Any, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        layers, kv_heads, head_dim = kv_shape(config)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        slots = num_blocks * block_size
+        # torch.empty: memory is only touched (and counted in RSS) as blocks are first used.
+        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        null = slice(NULL_BLOCK * block_size, (NULL_BLOCK + 1) * block_size)
+        for pool in (*self.keys, *self.values):
+            pool[null].zero_()
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(pool.numel() * pool.element_size() for pool in (*self.keys, *self.values))
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: Any = None, **_: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        length = self.keys.shape[-2] if self.keys.numel() else 0
-        needed = length + key_states.shape[-2]
-        if self._key_buffer is None or needed > self._key_buffer.shape[-2]:
-            self._reallocate(key_states, value_states, length, needed)
-        assert self._key_buffer is not None and self._value_buffer is not None
-        self._key_buffer[..., length:needed, :] = key_states
-        self._value_buffer[..., length:needed, :] = value_states
-        self.keys = self._key_buffer[..., :needed, :]
-        self.values = self._value_buffer[..., :needed, :]
-        return self.keys, self.values
+        """Stores this step's keys/values [1, kv_heads, tokens, head_dim]; returns the layer's pool."""
+        step = (kwargs or {})["paged_step"]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(0, step.slot_mapping, key_states[0].transpose(0, 1).to(keys.dtype))
+        values.index_copy_(0, step.slot_mapping, value_states[0].transpose(0, 1).to(values.dtype))
+        return keys, values
 
-    def _reallocate(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, needed: int) -> None:
-        capacity = max(_MIN_CAPACITY, needed * 2)
-        batch, heads, _, key_dim = key_states.shape
-        value_dim = value_states.shape[-1]
-        keys = key_states.new_empty(batch, heads, capacity, key_dim)
-        values = value_states.new_empty(batch, heads, capacity, value_dim)
-        if length:
-            keys[..., :length, :] = self.keys
-            values[..., :length, :] = self.values
-        self._key_buffer, self._value_buffer = keys, values
-
-    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Sets new contents (after a merge, a row selection or a trim); buffers are rebuilt on next update."""
-        self.keys, self.values = keys, values
-        self._key_buffer = self._value_buffer = None
-        if not self.is_initialized:
-            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        # Positions are always passed explicitly; transformers asks only when they are not.
+        return 0
 
 
-def new_cache(num_layers: int) -> DynamicCache:
-    cache = DynamicCache()
-    cache.layers = [GrowableKVLayer() for _ in range(num_layers)]
-    return cache
+_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+# On the CPU, "auto" reserves this much address space; pages are only touched as blocks are first used.
+_CPU_AUTO_BYTES = 2 * 2**30
+_CUDA_AUTO_FRACTION = 0.85
 
 
-class BatchKVCache:
-    """The cache of every running sequence, row i belonging to the i-th running sequence."""
-
-    def __init__(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        self.cache = cache
-        self.mask = mask  # [B, T] long: 1 for a real token, 0 for left padding
-
-    @property
-    def batch_size(self) -> int:
-        return self.mask.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
-
-    def layers(self) -> list[GrowableKVLayer]:
-        return self.cache.layers  # type: ignore[return-value]
-
-    def extend(self, other: BatchKVCache) -> None:
-        """Appends `other`'s rows, left-padding whichever side is shorter."""
-        if self.batch_size == 0:
-            self.cache, self.mask = other.cache, other.mask
-            return
-        length = max(self.length, other.length)
-        for mine, theirs in zip(self.layers(), other.layers(), strict=True):
-            mine.replace(
-                torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)]),
-                torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)]),
-            )
-        self.mask = torch.cat([_pad_left(self.mask, length), _pad_left(other.mask, length)])
-
-    def keep_rows(self, rows: list[int]) -> None:
-        """Keeps only `rows` (in that order), then drops padding columns no remaining row needs."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        real = mask.any(dim=0).nonzero()
-        start = int(real[0]) if len(real) else mask.shape[1]
-        self.mask = mask[:, start:]
-        for layer in self.layers():
-            if layer.is_initialized and layer.keys.numel():
-                layer.replace(
-                    layer.keys.index_select(0, index)[..., start:, :],
-                    layer.values.index_select(0, index)[..., start:, :],
-                )
-
-    def append_step(self) -> torch.Tensor:
-        """The mask for a decode step: every row attends to its cache plus the token fed now."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.batch_size, 1)], dim=1)
-        return self.mask
+def kv_budget_bytes(setting: str, device: torch.device) -> int:
+    """Bytes for the pool from `--kv-cache-memory`: "auto", a byte count ("4GiB", "500MB", "1000000"),
+    or a fraction (0 < x <= 1) of the device's free memory (GPU) or of the machine's available memory."""
+    text = setting.strip().lower().replace(" ", "")
+    if text == "auto":
+        return _free_bytes(device, _CUDA_AUTO_FRACTION) if device.type == "cuda" else _CPU_AUTO_BYTES
+    for unit, scale in _UNITS.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    value = float(text)
+    return _free_bytes(device, value) if value <= 1 else int(value)
 
 
-def empty_batch(num_layers: int, device: torch.device) -> BatchKVCache:
-    return BatchKVCache(new_cache(num_layers), torch.zeros(0, 0, dtype=torch.long, device=device))
-
-
-def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """Pads dim -2 of a KV tensor [B, H, T, D], or dim -1 of a mask [B, T], with zeros on the left."""
-    axis = -1 if tensor.dim() == 2 else -2
-    missing = length - tensor.shape[axis]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[axis] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+def _free_bytes(device: torch.device, fraction: float) -> int:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"a fraction of free memory must be in (0, 1], not {fraction}")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(free * fraction)

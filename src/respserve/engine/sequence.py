@@ -1,6 +1,7 @@
-"""One request's state inside the worker: its tokens, detokenizer, stop matcher and sampler row.
+"""One request's state inside the worker: its tokens, KV blocks, detokenizer, stop matcher and sampler row.
 
-Its KV cache is a row of the worker's `BatchKVCache`, not held here."""
+Its KV lives in the pool's blocks listed in `block_table` (block_manager.py); `num_computed` of its tokens
+have theirs there. A decoding sequence has computed all but its last sampled token."""
 
 from __future__ import annotations
 
@@ -33,7 +34,12 @@ class Sequence:
         self._token_texts = token_texts
         self.request = request
         self.output_ids: list[int] = []
+        self.token_ids: list[int] = list(request.prompt_token_ids)  # the prompt, then the output
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_computed = 0
         self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self.started = False  # admitted once (it no longer counts as queued, even if preempted later)
         self.status = GenerationStatus.ACTIVE
         self.cancelled = False
         self._detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
@@ -64,19 +70,12 @@ class Sequence:
     def prompt_token_ids(self) -> list[int]:
         return self.request.prompt_token_ids
 
-    @property
-    def last_token_id(self) -> int:
-        return self.output_ids[-1] if self.output_ids else self.prompt_token_ids[-1]
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_ids)
-
     def append(
         self, token_id: int, eos_token_ids: frozenset[int], logprobs: RowLogprobs | None = None
     ) -> GenerationOutput:
         """Adds a sampled token and returns the text it made safe to emit, with the status after it."""
         self.output_ids.append(token_id)
+        self.token_ids.append(token_id)
         counts = self.sampling_row.token_counts
         if counts is not None and token_id < counts.shape[0]:
             counts[token_id] += 1

@@ -1,4 +1,4 @@
-"""The text model on its device: loading, prompt rendering with the chat template, prefill and decode."""
+"""The text model on its device: loading, and prompt rendering with the chat template."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from respserve.engine.device import pick_device, pick_dtype
 from respserve.engine.generation import ChatMessage, ToolSpec
-from respserve.engine.kv_cache import BatchKVCache, new_cache
 from respserve.engine.model_source import ModelSource
 from respserve.engine.packed_linear import can_pack, pack_linears
-from respserve.engine.prefix_cache import build_prefix_cache
-from respserve.engine.sequence import Sequence
 from respserve.engine.structured_output import GrammarCompiler
 from respserve.engine.token_text import TokenTexts
 from respserve.engine.tool_prompt import fallback_turns, native_tools, native_turn, template_knows_tools
@@ -39,6 +36,7 @@ class TextPipeline:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        self.dtype: torch.dtype = model.dtype
         config = model.config
         self.vocab_size: int = int(config.vocab_size)
         self.context_length: int = int(getattr(config, "max_position_embeddings", 0) or 2048)
@@ -50,7 +48,6 @@ class TextPipeline:
         self.eos_token_ids = frozenset(eos_ids)
         self.grammars = GrammarCompiler(tokenizer)
         self.token_texts = TokenTexts(tokenizer)
-        self.prefix = build_prefix_cache(model, tokenizer, device)
 
     @classmethod
     def load(cls, source: ModelSource, device: str = "auto", dtype: str = "auto") -> TextPipeline:
@@ -100,49 +97,3 @@ class TextPipeline:
     def prompt_opens_thinking(self, prompt: list[int]) -> bool:
         """Whether the generation prompt already opened `<think>`, so the reply starts inside it."""
         return self.tokenizer.decode(prompt[-4:]).rstrip().endswith("<think>")
-
-    @torch.inference_mode()
-    def prefill(self, sequences: list[Sequence]) -> tuple[torch.Tensor, BatchKVCache]:
-        """Runs the prompts, left-padded to one length, into a fresh cache (which starts with the shared
-        prefix's KV when every prompt begins with it).
-
-        Returns the last position's logits [n, V] and the cache of these n rows.
-        """
-        prefix = self.prefix
-        if prefix is None or not all(prefix.covers(sequence.prompt_token_ids) for sequence in sequences):
-            prefix = None
-        skip = len(prefix) if prefix is not None else 0
-        for sequence in sequences:
-            sequence.cached_tokens = skip
-        prompts = [sequence.prompt_token_ids[skip:] for sequence in sequences]
-        length = max(len(prompt) for prompt in prompts)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=self.device)
-        # The padding sits between the shared prefix (if any) and each prompt's own tokens.
-        mask = torch.tensor([[1] * skip + [0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = ((mask.cumsum(dim=1) - 1).clamp(min=0))[:, skip:]
-        cache = prefix.copies(len(sequences)) if prefix is not None else new_cache(self.num_layers)
-        batch = BatchKVCache(cache, mask)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=batch.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1, :], batch
-
-    @torch.inference_mode()
-    def decode(self, batch: BatchKVCache, sequences: list[Sequence]) -> torch.Tensor:
-        """One step for every running sequence (row i of `batch` is `sequences[i]`); returns logits [B, V]."""
-        input_ids = torch.tensor([[s.last_token_id] for s in sequences], device=self.device)
-        positions = torch.tensor([[s.length - 1] for s in sequences], device=self.device)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=batch.append_step(),
-            position_ids=positions,
-            past_key_values=batch.cache,
-            use_cache=True,
-        )
-        return out.logits[:, -1, :]

@@ -1,35 +1,31 @@
 """The pipeline worker: a thread that owns the model and the device, away from the event loop.
 
-It batches continuously: each step first admits waiting requests (one left-padded prefill for the group,
-whose cache rows then join the running batch), then advances every running sequence by one token in a
-single forward pass. A sequence that finishes leaves the batch at once, its output already handed to the
-event loop; a cancelled one (its client went away) leaves at the next step and its KV rows are freed.
-
-Why a scheduler of our own over a left-padded cache (kv_cache.py) rather than transformers' continuous
-batching: per-request sampling, grammars and logprobs stay ours, and it measured faster here. SmolLM2 on the
-2-core CPU, float32, streaming through the server against `transformers serve --continuous-batching`
-(scripts/bench.py, 2026-11-23): 17.2 vs 14.7 output tokens/s at 1 stream, 50.2 vs 43.9 at 8, 122.3 vs 89.4
-at 32; with the weights prepacked for oneDNN (packed_linear.py), x1.15-1.36 at 1 stream, x1.46-1.64 at 8
-and x1.61-1.94 at 32 over two runs; with the prefix cache too (prefix_cache.py), x1.20, x1.83 and x2.38,
-TTFT p50 0.28-0.69x.
+It batches continuously: each step the scheduler picks one token for every decoding sequence and prompt
+chunks for the newly arrived (scheduler.py), the model runner computes them in one forward pass over the
+paged KV pool (model_runner.py), and the sampler picks the next token of every chunk that reached the end
+of its sequence. A sequence that finishes leaves at once, its output already handed to the event loop and
+its blocks released (published ones stay cached for later prompts that start the same way); a cancelled
+one (its client went away) leaves at the next step.
 
 A thread, not a process: torch releases the GIL inside its kernels, so the event loop keeps answering
-while a step runs (/health p99 9-15 ms with 32 streams in that benchmark), and outputs need no
+while a step runs (/health p99 9-15 ms with 32 streams in scripts/bench.py), and outputs need no
 serialisation.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
+from respserve.engine.block_manager import BlockManager
 from respserve.engine.generation import GenerationOutput, GenerationRequest, GenerationStatus
-from respserve.engine.kv_cache import BatchKVCache, empty_batch
+from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes, kv_bytes_per_token
+from respserve.engine.model_runner import ModelRunner
 from respserve.engine.sampler import Sample, Sampler
+from respserve.engine.scheduler import Chunk, Scheduler
 from respserve.engine.sequence import Sequence
 from respserve.engine.text_pipeline import TextPipeline
 from respserve.engine.worker_thread import WorkerThread
@@ -41,7 +37,9 @@ logger = logging.getLogger(__name__)
 class WorkerLimits:
     max_running: int = 64  # sequences decoded together
     max_queued: int = 256  # requests waiting for a slot
-    max_prefill_tokens: int = 4096  # padded prompt tokens in one prefill pass (at least one prompt)
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step, beside the decode tokens
+    kv_cache_memory: str = "auto"  # the KV pool's size (kv_cache.kv_budget_bytes)
+    block_size: int = 16  # token slots per KV block
 
 
 class PipelineWorker(WorkerThread[GenerationRequest]):
@@ -50,19 +48,30 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
         super().__init__("respserve-worker", self.limits.max_queued)
         self.pipeline = pipeline
         self._sampler = Sampler(pipeline.grammars)
-        self._waiting: deque[GenerationRequest] = deque()
-        self._running: list[Sequence] = []
-        self._batch: BatchKVCache = empty_batch(pipeline.num_layers, pipeline.device)
+        config, dtype, size = pipeline.model.config, pipeline.dtype, self.limits.block_size
+        block_bytes = kv_bytes_per_token(config, dtype) * size
+        num_blocks = kv_budget_bytes(self.limits.kv_cache_memory, pipeline.device) // block_bytes
+        self.kv_cache = PagedKVCache(config, num_blocks, size, dtype, pipeline.device)
+        self._runner = ModelRunner(pipeline.model, self.kv_cache, pipeline.device)
+        self.scheduler = self._new_scheduler()
+        # A prompt must leave room in the pool for at least one output token.
+        pipeline.context_length = min(pipeline.context_length, (num_blocks - 1) * size - 1)
+        logger.info("KV cache: %d blocks of %d tokens, %.2f GiB", num_blocks, size, self.kv_cache.num_bytes / 2**30)
         self.restarts = 0
+
+    def _new_scheduler(self) -> Scheduler:
+        blocks = BlockManager(self.kv_cache.num_blocks, self.kv_cache.block_size)
+        return Scheduler(blocks, self.limits.max_running, self.limits.max_prefill_tokens)
 
     # ---- event-loop side -------------------------------------------------------------------------------
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self.scheduler.running)
 
     @property
     def kv_cache_tokens(self) -> int:
-        return self._batch.batch_size * self._batch.length
+        """Token slots held by running sequences."""
+        return self.scheduler.blocks.num_used * self.kv_cache.block_size
 
     @property
     def gpu_memory_bytes(self) -> int:
@@ -79,71 +88,56 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
                 self._restart(exc)
 
     def _step(self) -> None:
-        self._receive(block=not self._running and not self._waiting)
+        scheduler = self.scheduler
+        self._receive(block=not scheduler.running and not scheduler.waiting)
         self._drop_cancelled()
-        self._admit()
-        if self._running:
-            self._decode_step()
+        chunks = scheduler.schedule()
+        for sequence in scheduler.too_long:
+            self._started([sequence])
+            self._fail(sequence, RuntimeError("the KV cache cannot hold this sequence"))
+        scheduler.too_long.clear()
+        if chunks:
+            self._run_step(chunks)
 
     def _restart(self, exc: Exception) -> None:
-        """Fails every request in flight (running or waiting) and resets the batch. Built from request ids
-        alone: whatever broke may have broken the sequences too."""
-        failed = [sequence.request_id for sequence in self._running] + [r.request_id for r in self._waiting]
+        """Fails every request in flight (running or waiting) and resets the pool's bookkeeping. Built from
+        request ids alone: whatever broke may have broken the sequences too."""
+        scheduler = self.scheduler
+        failed = [sequence.request_id for sequence in [*scheduler.running, *scheduler.waiting]]
         for request_id in failed:
             self._emit(GenerationOutput(request_id, final_status=GenerationStatus.FAILED, error=str(exc)))
-        self._queue.left(len(self._waiting))
-        self._running, self._waiting = [], deque()
-        self._batch = empty_batch(self.pipeline.num_layers, self.pipeline.device)
+        self._queue.left(sum(1 for sequence in scheduler.waiting if not sequence.started))
+        self.scheduler = self._new_scheduler()
         self.restarts += 1
 
     def _receive(self, block: bool) -> None:
-        self._waiting.extend(self._queue.receive(block))
-
-    def _admit(self) -> None:
-        """Prefills as many waiting requests as fit, as one group, and joins them to the running batch."""
-        group: list[GenerationRequest] = []
-        longest = 0
-        while self._waiting and len(self._running) + len(group) < self.limits.max_running:
-            longest_if_added = max(longest, len(self._waiting[0].prompt_token_ids))
-            if group and longest_if_added * (len(group) + 1) > self.limits.max_prefill_tokens:
-                break
-            group.append(self._waiting.popleft())
-            longest = longest_if_added
-        if not group:
-            return
-        self._queue.left(len(group))
+        """Turns arrivals into sequences (a bad grammar fails only its own request) and queues them."""
         pipeline = self.pipeline
-        try:
-            sequences = [
-                Sequence(request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts)
-                for request in group
-            ]
-            logits, group_batch = pipeline.prefill(sequences)
-            sample = self._sampler.sample(logits, [sequence.sampling_row for sequence in sequences])
-        except Exception as exc:  # a bad group must not take the worker down
-            logger.exception("prefill failed for %d requests", len(group))
-            for request in group:
+        for request in self._queue.receive(block):
+            try:
+                sequence = Sequence(
+                    request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts
+                )
+            except Exception as exc:
+                logger.exception("request %s could not start", request.request_id)
+                self._queue.left(1)
                 self._emit(GenerationOutput(request.request_id, final_status=GenerationStatus.FAILED, error=str(exc)))
-            return
-        self._advance(sequences, sample)
-        kept = [row for row, sequence in enumerate(sequences) if not sequence.status.is_done]
-        if kept:
-            group_batch.keep_rows(kept)
-            self._batch.extend(group_batch)
-            self._running.extend(sequences[row] for row in kept)
+                continue
+            self.scheduler.add(sequence)
 
-    def _decode_step(self) -> None:
+    def _run_step(self, chunks: list[Chunk]) -> None:
+        self._started(chunk.sequence for chunk in chunks)
+        sampling = [chunk.sequence for chunk in chunks if chunk.samples]
         try:
-            logits = self.pipeline.decode(self._batch, self._running)
-            sample = self._sampler.sample(logits, [sequence.sampling_row for sequence in self._running])
+            logits = self._runner.run(chunks)
+            sample = self._sampler.sample(logits, [sequence.sampling_row for sequence in sampling])
         except Exception as exc:
-            logger.exception("decode step failed for %d sequences", len(self._running))
-            for sequence in self._running:
+            logger.exception("a step failed for %d sequences", len(chunks))
+            for sequence in {id(chunk.sequence): chunk.sequence for chunk in chunks}.values():
                 self._fail(sequence, exc)
-            self._keep(lambda sequence: False)
             return
-        self._advance(self._running, sample)
-        self._keep(lambda sequence: not sequence.status.is_done)
+        self.scheduler.computed(chunks)
+        self._advance(sampling, sample)
 
     def _advance(self, sequences: list[Sequence], sample: Sample) -> None:
         for sequence, token, logprobs in zip(sequences, sample.tokens, sample.logprobs, strict=True):
@@ -154,31 +148,35 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
                 self._fail(sequence, exc)
                 continue
             self._emit(output)
+            if sequence.status.is_done:
+                self.scheduler.finish(sequence)
 
     def _drop_cancelled(self) -> None:
         cancelled = self._queue.channels.take_cancelled()
         if not cancelled:
             return
-        waiting = [request for request in self._waiting if request.request_id not in cancelled]
-        self._queue.left(len(self._waiting) - len(waiting))
-        self._waiting = deque(waiting)
-        for sequence in self._running:
+        scheduler = self.scheduler
+        for sequence in [*scheduler.running, *scheduler.waiting]:
             if sequence.request_id in cancelled:
+                self._started([sequence])
                 sequence.status = GenerationStatus.CANCELLED
                 self._emit(sequence.output())
-        self._keep(lambda sequence: not sequence.status.is_done)
+                scheduler.finish(sequence)
 
-    def _keep(self, predicate: Callable[[Sequence], bool]) -> None:
-        """Keeps the running sequences that satisfy `predicate`; the others' KV rows are freed."""
-        rows = [row for row, sequence in enumerate(self._running) if predicate(sequence)]
-        if len(rows) == len(self._running):
-            return
-        self._batch.keep_rows(rows)
-        self._running = [self._running[row] for row in rows]
+    def _started(self, sequences: Iterable[Sequence]) -> None:
+        """Sequences that stop counting against `max_queued` (admitted, or ended before it)."""
+        count = 0
+        for sequence in sequences:
+            if not sequence.started:
+                sequence.started = True
+                count += 1
+        if count:
+            self._queue.left(count)
 
     def _fail(self, sequence: Sequence, exc: Exception) -> None:
         sequence.status = GenerationStatus.FAILED
         self._emit(sequence.output(error=f"{type(exc).__name__}: {exc}"))
+        self.scheduler.finish(sequence)
 
     def _emit(self, output: GenerationOutput) -> None:
         self._queue.channels.emit(output)

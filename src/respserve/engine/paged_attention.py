@@ -1,0 +1,159 @@
+"""Attention over the paged KV pool, registered with transformers' `AttentionInterface`.
+
+A step runs every scheduled token of every sequence as one flat row ([1, tokens]): decode tokens, and
+chunks of prompts being prefilled. `StepLayout` says, once per step for all layers, where each token's KV
+goes (`slot_mapping`) and which slots each query reads:
+
+- single-query rows (a decode token, or a prompt whose last chunk is one token) are batched into one
+  attention call: their slots gathered into [rows, longest, ...] and padded with the zero block, masked;
+- multi-query chunks (prefill) are attended one chunk at a time, causally, over all their earlier tokens.
+
+Gathering copies the KV a step reads, on top of reading it. On the 2-core CPU this costs about as much as
+the left-padded batch did at short contexts (the price of never re-padding or copying on admission); a
+kernel that reads block tables in place (FlashInfer, flash-attn's `block_table`) removes it on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from transformers import AttentionInterface
+
+from respserve.engine.block_manager import NULL_BLOCK
+
+ATTENTION_NAME = "respserve_paged"
+
+
+@dataclass
+class PrefillChunk:
+    """Queries [start, end) of the flat step attend to `slots` (the sequence's tokens up to `end`)."""
+
+    start: int
+    end: int
+    slots: torch.Tensor  # [kv_len] long
+    first_position: int  # the position of the chunk's first token
+
+
+@dataclass
+class StepLayout:
+    slot_mapping: torch.Tensor  # [tokens] where each token's KV is written
+    single_rows: torch.Tensor  # [rows] flat indices of single-query rows
+    single_slots: torch.Tensor  # [rows, longest] slots each row reads, NULL-padded
+    single_lengths: torch.Tensor  # [rows] how many of those are real
+    chunks: list[PrefillChunk]
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def single_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[rows, 1, 1, longest] True where a row may attend."""
+        mask = self._masks.get(sliding_window)
+        if mask is None:
+            columns = torch.arange(self.single_slots.shape[1], device=self.single_slots.device)
+            lengths = self.single_lengths[:, None]
+            mask = columns < lengths
+            if sliding_window is not None:
+                mask &= columns >= lengths - sliding_window
+            mask = mask[:, None, None, :]
+            self._masks[sliding_window] = mask
+        return mask
+
+
+def build_step_layout(
+    block_tables: list[list[int]],
+    spans: list[tuple[int, int]],
+    block_size: int,
+    device: torch.device,
+) -> StepLayout:
+    """`spans[i]` = positions [start, end) of sequence i computed this step, its blocks `block_tables[i]`."""
+    offsets = torch.arange(block_size)
+    slot_mapping: list[torch.Tensor] = []
+    rows: list[int] = []
+    row_tables: list[list[int]] = []
+    row_lengths: list[int] = []
+    chunks: list[PrefillChunk] = []
+    flat = 0
+    for table, (start, end) in zip(block_tables, spans, strict=True):
+        slots = (torch.tensor(table)[:, None] * block_size + offsets).reshape(-1)[:end]
+        slot_mapping.append(slots[start:end])
+        if end - start == 1:
+            rows.append(flat)
+            row_tables.append(table)
+            row_lengths.append(end)
+        else:
+            chunks.append(PrefillChunk(flat, flat + end - start, slots.to(device), start))
+        flat += end - start
+    longest = max(row_lengths, default=0)
+    width = -(-longest // block_size)
+    padded = torch.full((len(row_tables), max(width, 1)), NULL_BLOCK, dtype=torch.long)
+    for index, table in enumerate(row_tables):
+        padded[index, : len(table[:width])] = torch.tensor(table[:width])
+    per_row = padded.shape[1] * block_size if row_tables else 0
+    single_slots = (padded[:, :, None] * block_size + offsets).reshape(len(row_tables), per_row)[:, :longest]
+    return StepLayout(
+        slot_mapping=torch.cat(slot_mapping).to(device),
+        single_rows=torch.tensor(rows, dtype=torch.long, device=device),
+        single_slots=single_slots.to(device),
+        single_lengths=torch.tensor(row_lengths, dtype=torch.long, device=device),
+        chunks=chunks,
+    )
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    paged_step: StepLayout | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query [1, heads, tokens, head_dim]; key/value: this layer's pool [slots, kv_heads, head_dim].
+    Returns [1, tokens, heads, head_dim], as transformers' own attention functions do."""
+    if paged_step is None:
+        raise RuntimeError("paged attention runs only inside the engine's model runner")
+    step = paged_step
+    _, heads, tokens, head_dim = query.shape
+    kv_heads = key.shape[1]
+    out = query.new_empty(tokens, heads, head_dim)
+    rows = step.single_rows
+    if rows.numel():
+        count, longest = step.single_slots.shape
+        flat_slots = step.single_slots.reshape(-1)
+        keys = key.index_select(0, flat_slots).view(count, longest, kv_heads, head_dim).transpose(1, 2)
+        values = value.index_select(0, flat_slots).view(count, longest, kv_heads, head_dim).transpose(1, 2)
+        queries = query[0, :, rows, :].transpose(0, 1).unsqueeze(2)
+        attended = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=step.single_mask(sliding_window), scale=scaling, enable_gqa=True
+        )
+        out[rows] = attended[:, :, 0, :]
+    for chunk in step.chunks:
+        keys = key.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
+        values = value.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
+        queries = query[:, :, chunk.start : chunk.end, :]
+        mask = _chunk_mask(chunk, sliding_window)
+        attended = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True
+        )
+        out[chunk.start : chunk.end] = attended[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _chunk_mask(chunk: PrefillChunk, sliding_window: int | None) -> torch.Tensor | None:
+    """None when plain causal attention from position 0 is right (SDPA's fast path)."""
+    if chunk.first_position == 0 and sliding_window is None:
+        return None
+    device = chunk.slots.device
+    query_positions = torch.arange(chunk.first_position, chunk.first_position + chunk.end - chunk.start, device=device)
+    key_positions = torch.arange(chunk.slots.shape[0], device=device)
+    mask = key_positions[None, :] <= query_positions[:, None]
+    if sliding_window is not None:
+        mask &= key_positions[None, :] > query_positions[:, None] - sliding_window
+    return mask
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)

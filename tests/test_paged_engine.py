@@ -1,0 +1,185 @@
+"""The paged engine: KV blocks, prefix caching across requests, chunked prefill and preemption.
+
+The model-level tests drive the real scheduler, block manager and model runner over tiny random models and
+compare every sampled position's logits with a plain transformers forward over the whole sequence. The
+server-level tests read only token counts (usage.input_tokens_details.cached_tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from conftest import RunningServer, free_port, never_ends, start_server, stop_server, tiny_qwen3
+
+from respserve.config import load_settings
+from respserve.engine.block_manager import BlockManager
+from respserve.engine.generation import GenerationRequest, SamplingParams
+from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes
+from respserve.engine.model_runner import ModelRunner
+from respserve.engine.scheduler import Scheduler
+from respserve.engine.sequence import Sequence
+
+
+def _run_to_the_end(
+    server: RunningServer, model: Any, prompts: list[list[int]], num_blocks: int, max_new: int, budget: int
+) -> Scheduler:
+    """Greedy-decodes `prompts` through the paged engine, checking each sampled position's logits against
+    a plain forward of a copy of the model (its own attention, no cache) over the whole sequence."""
+    pipeline = server.state.default_model.worker.pipeline
+    reference = type(model)(copy.deepcopy(model.config)).eval()
+    reference.load_state_dict(model.state_dict())
+    block_size = 4
+    cache = PagedKVCache(model.config, num_blocks, block_size, torch.float32, torch.device("cpu"))
+    runner = ModelRunner(model, cache, torch.device("cpu"))
+    scheduler = Scheduler(BlockManager(num_blocks, block_size), max_running=8, max_prefill_tokens=budget)
+    for index, prompt in enumerate(prompts):
+        request = GenerationRequest(f"paged-{index}", prompt, SamplingParams(max_tokens=max_new, temperature=0))
+        scheduler.add(
+            Sequence(request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts)
+        )
+    for _ in range(500):
+        chunks = scheduler.schedule()
+        if not chunks:
+            break
+        logits = runner.run(chunks)
+        scheduler.computed(chunks)
+        sampling = [chunk.sequence for chunk in chunks if chunk.samples]
+        assert len(sampling) == logits.shape[0]
+        for sequence, row in zip(sampling, logits, strict=True):
+            with torch.inference_mode():
+                expected = reference(torch.tensor([sequence.token_ids])).logits[0, -1]
+            torch.testing.assert_close(row, expected, atol=2e-4, rtol=1e-4)
+            token = int(row.argmax())
+            sequence.token_ids.append(token)
+            sequence.output_ids.append(token)
+            if len(sequence.output_ids) == max_new:
+                scheduler.finish(sequence)
+    assert not scheduler.running and not scheduler.waiting and not scheduler.too_long
+    return scheduler
+
+
+@pytest.mark.parametrize("layers", [["full_attention"] * 2, ["sliding_attention", "full_attention"]])
+def test_chunked_paged_steps_match_a_plain_forward(server: RunningServer, layers: list[str]) -> None:
+    tokenizer = server.state.default_model.worker.pipeline.tokenizer
+    sliding = "sliding_attention" in layers
+    model = tiny_qwen3(tokenizer, layer_types=layers, sliding_window=6, use_sliding_window=sliding)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (5, 13, 1, 30)]
+    _run_to_the_end(server, model, prompts, num_blocks=64, max_new=12, budget=7)
+
+
+def test_a_full_pool_preempts_and_recomputes_without_changing_a_logit(server: RunningServer) -> None:
+    model = tiny_qwen3(server.state.default_model.worker.pipeline.tokenizer)
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (9, 14, 3, 20)]
+    # 19 usable blocks of 4 slots cannot hold the four sequences' 46 + 4 x 24 tokens at once.
+    scheduler = _run_to_the_end(server, model, prompts, num_blocks=20, max_new=24, budget=16)
+    assert scheduler.preemptions > 0
+
+
+class _Tokens:
+    """A sequence as the block manager sees it."""
+
+    def __init__(self, token_ids: list[int]) -> None:
+        self.token_ids = token_ids
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_computed = 0
+
+
+def test_block_manager_shares_published_prefixes_and_evicts_the_least_recently_released() -> None:
+    blocks = BlockManager(num_blocks=9, block_size=4)  # block 0 is the zero block: 8 to hand out
+    first = _Tokens(list(range(10)))
+    assert blocks.allocate(first) and first.num_computed == 0 and len(first.block_table) == 3
+    first.num_computed = 10
+    blocks.publish(first)  # two full blocks: tokens 0-3 and 4-7
+    assert len(first.block_hashes) == 2
+
+    same_start = _Tokens([*range(8), 99, 98, 97])
+    assert blocks.allocate(same_start) and same_start.num_computed == 8
+    assert same_start.block_table[:2] == first.block_table[:2]
+    # Never the whole prompt: its last token is computed for its logits.
+    exactly = _Tokens(list(range(8)))
+    assert blocks.allocate(exactly) and exactly.num_computed == 4
+    for sequence in (first, same_start, exactly):
+        blocks.free(sequence)
+    assert blocks.num_used == 0 and blocks.num_available == 8
+
+    # Released blocks stay cached until their slots are needed; the tail of a prefix goes first.
+    filler = _Tokens(list(range(100, 128)))  # seven blocks: the six free ones, then one evicted
+    assert blocks.allocate(filler)
+    blocks.free(filler)
+    again = _Tokens(list(range(12)))
+    assert blocks.allocate(again) and again.num_computed == 4  # block 4-7 was evicted, 0-3 survived
+    assert not blocks.allocate(_Tokens(list(range(200, 240))))  # more than the pool holds: nothing taken
+    assert blocks.num_used == 3
+
+
+def test_kv_bytes_per_token_are_exactly_the_models_keys_and_values(server: RunningServer) -> None:
+    worker = server.state.default_model.worker
+    config = worker.pipeline.model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    cache = worker.kv_cache
+    assert cache.num_bytes == cache.num_blocks * cache.block_size * per_token
+    assert kv_budget_bytes("3MiB", torch.device("cpu")) == 3 * 2**20
+    assert kv_budget_bytes("2.5GB", torch.device("cpu")) == 2_500_000_000
+    assert 0 < kv_budget_bytes("0.5", torch.device("cpu")) < kv_budget_bytes("1", torch.device("cpu"))
+
+
+INSTRUCTIONS = "You are a careful assistant. " + "Follow every rule of the house style guide. " * 40
+
+
+def test_a_previous_response_id_chain_reuses_the_history_kv(http: httpx.Client, server: RunningServer) -> None:
+    block = server.state.default_model.worker.kv_cache.block_size
+    body = {"instructions": INSTRUCTIONS, "max_output_tokens": 16, "logit_bias": never_ends(server)}
+    first = http.post("/v1/responses", json={**body, "input": "Turn one of a long chat."}).json()
+    second = http.post("/v1/responses", json={**body, "input": "Turn two.", "previous_response_id": first["id"]}).json()
+    history = first["usage"]["input_tokens"]
+    # Every full block of the first prompt is reused (its output too, up to how the template re-renders it).
+    assert second["usage"]["input_tokens_details"]["cached_tokens"] >= history // block * block
+
+
+def test_a_stateless_client_resending_the_same_instructions_hits_the_cache(
+    http: httpx.Client, server: RunningServer
+) -> None:
+    block = server.state.default_model.worker.kv_cache.block_size
+    instructions = INSTRUCTIONS.replace("careful", "stateless")
+    bodies = [
+        {"instructions": instructions, "input": question, "max_output_tokens": 16, "prompt_cache_key": "agent"}
+        for question in ("What is two plus two?", "Name a colour.")
+    ]
+    first, second = (http.post("/v1/responses", json=body).json() for body in bodies)
+    shared = len(server.state.default_model.worker.pipeline.tokenizer(instructions)["input_ids"])
+    assert first["usage"]["input_tokens_details"]["cached_tokens"] < shared - block
+    assert second["usage"]["input_tokens_details"]["cached_tokens"] >= (shared // block - 1) * block
+
+
+def test_requests_wait_for_kv_blocks_rather_than_fail(tmp_path) -> None:  # noqa: ANN001
+    # A pool of 160 token slots: a prompt of ~40 tokens with 64 output tokens needs ~7 of its 10 blocks.
+    settings = load_settings(
+        port=free_port(), data_dir=str(tmp_path), kv_cache_memory=str(160 * 30 * 3 * 64 * 2 * 4), max_queued=8
+    )
+    uv_server, thread, small = start_server(settings)
+    try:
+        worker = small.state.default_model.worker
+        assert worker.kv_cache.num_blocks == 10
+        body = {"max_output_tokens": 64, "logit_bias": never_ends(small), "temperature": 0}
+
+        async def run_all() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=small.base_url, timeout=300) as client:
+                posts = [client.post("/v1/responses", json={**body, "input": f"Count to {n}."}) for n in range(3)]
+                return await asyncio.gather(*posts)
+
+        results = asyncio.run(run_all())
+        assert [result.status_code for result in results] == [200, 200, 200]
+        assert [result.json()["usage"]["output_tokens"] for result in results] == [64, 64, 64]
+        with httpx.Client(base_url=small.base_url, timeout=60) as client:
+            too_long = client.post("/v1/responses", json={"input": "word " * 200})
+        assert too_long.status_code == 400
+        assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    finally:
+        stop_server(uv_server, thread)
