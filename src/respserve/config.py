@@ -6,6 +6,7 @@ variables, then CLI flags (passed in as init arguments).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -119,7 +120,13 @@ class Settings(BaseSettings):
     )
     max_running: int = Field(default=64, ge=1, description="Sequences decoded together in one batch.")
     max_queued: int = Field(default=256, ge=0, description="Requests waiting for a slot; past it, 429.")
-    max_prefill_tokens: int = Field(default=4096, ge=1, description="Padded prompt tokens in one prefill.")
+    max_prefill_tokens: int = Field(
+        default=512, ge=1, description="Prompt tokens prefilled per step, in chunks between decode steps."
+    )
+    kv_cache_memory: str = Field(
+        default="auto",
+        description="KV pool size: bytes (4GiB, 500MB), a fraction of free memory (0.8), or auto.",
+    )
     image_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Diffusers text-to-image folders (or hub ids), each PATH or ID=PATH. Env: comma-separated.",
@@ -143,6 +150,13 @@ class Settings(BaseSettings):
     def _check_image_models(cls, value: list[str]) -> list[str]:
         for spec in value:
             parse_image_model(spec)
+        return value
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _check_kv_cache_memory(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|\d+(\.\d+)?\s*([kKmMgG]i?[bB])?", value.strip()):
+            raise ValueError(f"expected bytes (4GiB, 500MB, 1000000), a fraction (0.8) or auto, not {value!r}")
         return value
 
     @property

@@ -41,6 +41,7 @@ def load_text_model(settings: Settings) -> ServedModel:
         max_running=settings.max_running,
         max_queued=settings.max_queued,
         max_prefill_tokens=settings.max_prefill_tokens,
+        kv_cache_memory=settings.kv_cache_memory,
     )
     worker = PipelineWorker(pipeline, limits)
     worker.start()
