@@ -179,9 +179,10 @@ class LoadRun:
         loop = asyncio.get_running_loop()
         rng = random.Random(index)
         while loop.time() < deadline:
-            chained = await self._chain(index)
-            if chained and rng.random() < self.job_share:
+            # A job first: so that even a short run resumes some on the other replica before the kill.
+            if rng.random() < self.job_share:
                 await self._background_job(index)
+            chained = await self._chain(index)
             if not chained:
                 await asyncio.sleep(0.2)  # a failing replica is not hammered in a tight loop
 
@@ -215,6 +216,8 @@ class LoadRun:
         self.tally.counts["background jobs"] += 1
         follower = self.pick(home + 1 if self.alternate else home)
         resumed = await self._resume(follower, job, events[-1]["sequence_number"])
+        if resumed and follower is not creator:
+            self.tally.counts["job streams resumed on another replica"] += 1
         if not follower.alive and not (resumed and resumed[-1]["type"] in TERMINAL):
             # The follower was killed under us: resume once more, from the last event seen, on a live one.
             last = resumed[-1]["sequence_number"] if resumed else events[-1]["sequence_number"]

@@ -27,6 +27,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class Report:
     retrievable: int
     stuck: int
     settled_after_s: float | None  # seconds from the kill until nothing was left in progress
+    orphans: Counter[str]  # stored status of what A started and no client saw finish
     idle_ms: list[float]
 
     @property
@@ -101,9 +103,11 @@ async def check_postgres(store_url: str, data_root: Path, args: argparse.Namespa
         progress("settled")
         statuses = await run.statuses(survivor, set(run.tally.finished))
         retrievable = sum(statuses.get(id_) == status for id_, status in run.tally.finished.items())
+        unfinished = {id_ for id_ in run.tally.started - set(run.tally.finished) if run.tally.made_by[id_] == "A"}
+        orphans = Counter(str(status) for status in (await run.statuses(survivor, unfinished)).values())
         idle = await run.idle_latency(survivor, list(run.tally.finished), count=200)
         survivor_5xx = sum(n for (name, code), n in run.tally.statuses.items() if name == survivor.name and code >= 500)
-        return Report(run.tally, survivor_5xx, retrievable, stuck, settled_after, idle)
+        return Report(run.tally, survivor_5xx, retrievable, stuck, settled_after, orphans, idle)
     finally:
         for replica in replicas:
             replica.stop()
@@ -152,6 +156,8 @@ def print_report(report: Report, args: argparse.Namespace, sqlite: tuple[Tally, 
     print(f"  completed responses retrievable from the survivor: {report.retrievable} of {finished} ({share:.1%})")
     settled = f", none left {report.settled_after_s:.1f} s after the kill" if report.settled_after_s else ""
     print(f"  started responses still in_progress 30 s after the kill: {report.stuck} (goal 0){settled}")
+    left = ", ".join(f"{count} {status}" for status, count in sorted(report.orphans.items())) or "none"
+    print(f"  responses A started that no client saw finish, as the survivor stores them: {left}")
     print("  store latency, GET /v1/responses/{id} from the other replica, under load:")
     print(f"    PostgreSQL: {latency(tally.store_ms)}")
     if sqlite:
