@@ -27,6 +27,7 @@ TERMINAL = {"response.completed", "response.incomplete", "response.failed", "res
 FINISHED = {"completed", "incomplete"}
 TURNS = 3
 JOB_EVENTS_BEFORE_LEAVING = 3
+DEAD_REPLICA_SETTLES_S = 30.0  # the goal: nothing a killed replica ran is in progress this long after
 
 
 @dataclass
@@ -116,6 +117,11 @@ class LoadRun:
         self.alternate = alternate
         self.tally = Tally()
         self.killed_at = 0.0
+        # Filled once A is killed: what it left unfinished, and how much of it was still in progress
+        # DEAD_REPLICA_SETTLES_S later (or how soon none was).
+        self.dead_left: frozenset[str] = frozenset()
+        self.dead_stuck: int | None = None
+        self.dead_settled_after_s: float | None = None
         self._http: httpx.AsyncClient | None = None  # the clients' connection pool, while drive() runs
         end = str(end_token())
         self._turn = {"max_output_tokens": 16, "temperature": 0, "logit_bias": {end: 100}, "stream": True}
@@ -155,9 +161,10 @@ class LoadRun:
                 response = await self._get(http, replica, f"/v1/responses/{response_id}")
             return response.json()["status"] if response is not None and response.status_code == 200 else None
 
+        ordered = list(ids)
         async with httpx.AsyncClient(timeout=60) as http:
-            found = await asyncio.gather(*(status(http, id_) for id_ in ids))
-        return dict(zip(ids, found, strict=True))
+            found = await asyncio.gather(*(status(http, id_) for id_ in ordered))
+        return dict(zip(ordered, found, strict=True))
 
     async def idle_latency(self, replica: Replica, ids: list[str], count: int) -> list[float]:
         """GETs of stored responses one after another, with nothing else running: the store's own cost."""
@@ -170,10 +177,32 @@ class LoadRun:
                     timings.append((time.perf_counter() - started) * 1000)
         return timings
 
+    async def settled(self, reader: Replica, ids: set[str], since: float, within_s: float) -> tuple[int, float | None]:
+        """Polls `reader` until none of `ids` is queued or in progress, or until `within_s` after `since`;
+        returns how many still are, and how long after `since` none was."""
+        loop = asyncio.get_running_loop()
+        while True:
+            statuses = await self.statuses(reader, ids)
+            ids = {id_ for id_, status in statuses.items() if status in ("queued", "in_progress")}
+            elapsed = loop.time() - since
+            if not ids:
+                return 0, elapsed
+            if elapsed >= within_s:
+                return len(ids), None
+            await asyncio.sleep(1.0)
+
     async def _kill_first(self, after_s: float) -> None:
+        """Kills replica A, then watches what it left unfinished until the survivors have settled it."""
         await asyncio.sleep(after_s)
-        self.replicas[0].kill()
+        dead = self.replicas[0]
+        dead.kill()
         self.killed_at = asyncio.get_running_loop().time()
+        made_by = self.tally.made_by
+        left = {id_ for id_ in self.tally.started - set(self.tally.finished) if made_by[id_] == dead.name}
+        self.dead_left = frozenset(left)
+        self.dead_stuck, self.dead_settled_after_s = await self.settled(
+            self.pick(0), left, self.killed_at, DEAD_REPLICA_SETTLES_S
+        )
 
     async def _client(self, index: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()

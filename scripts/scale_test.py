@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import POSTGRES_URL  # noqa: E402
-from scale_load import LoadRun, Replica, Tally, percentile, start_replicas  # noqa: E402
+from scale_load import LoadRun, Tally, percentile, start_replicas  # noqa: E402
 
 STARTED = time.monotonic()
 
@@ -45,15 +45,17 @@ class Report:
     tally: Tally
     survivor_5xx: int
     retrievable: int
-    stuck: int
-    settled_after_s: float | None  # seconds from the kill until nothing was left in progress
-    orphans: Counter[str]  # stored status of what A started and no client saw finish
+    stuck: int  # of A's unfinished responses, those still in progress 30 s after the kill
+    settled_after_s: float | None  # seconds from the kill until none of them was
+    orphans: Counter[str]  # their stored statuses after the run
+    left_after_run: int  # any started response still in progress 30 s after the load ended
     idle_ms: list[float]
 
     @property
     def passed(self) -> bool:
         finished = len(self.tally.finished)
-        return self.survivor_5xx == 0 and finished > 0 and self.retrievable == finished and self.stuck == 0
+        settled = self.stuck == 0 and self.left_after_run == 0
+        return self.survivor_5xx == 0 and finished > 0 and self.retrievable == finished and settled
 
 
 @contextmanager
@@ -74,22 +76,6 @@ def fresh_schema(admin_url: str) -> Iterator[str]:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-async def settle(run: LoadRun, survivor: Replica, within_s: float) -> tuple[int, float | None]:
-    """Waits until no response that was started is left in progress, or `within_s` after the kill;
-    returns how many still are, and when (after the kill) none was."""
-    loop = asyncio.get_running_loop()
-    pending = set(run.tally.started)
-    while True:
-        statuses = await run.statuses(survivor, pending)
-        pending = {id_ for id_, status in statuses.items() if status in ("queued", "in_progress")}
-        elapsed = loop.time() - run.killed_at
-        if not pending:
-            return 0, elapsed
-        if elapsed >= within_s:
-            return len(pending), None
-        await asyncio.sleep(1.0)
-
-
 async def check_postgres(store_url: str, data_root: Path, args: argparse.Namespace) -> Report:
     """The run on PostgreSQL: load, kill -9 of A, then what the survivor B still knows."""
     replicas = start_replicas(2, data_root, "--store", store_url, "--lease-seconds", str(args.lease_seconds))
@@ -99,15 +85,25 @@ async def check_postgres(store_url: str, data_root: Path, args: argparse.Namespa
         await run.drive(args.clients, args.seconds, kill_after_s=args.seconds * args.kill_at)
         progress("load done")
         survivor = replicas[1]
-        stuck, settled_after = await settle(run, survivor, within_s=30.0)
+        loop = asyncio.get_running_loop()
+        left_after_run, _ = await run.settled(survivor, set(run.tally.started), loop.time(), within_s=30.0)
         progress("settled")
         statuses = await run.statuses(survivor, set(run.tally.finished))
         retrievable = sum(statuses.get(id_) == status for id_, status in run.tally.finished.items())
-        unfinished = {id_ for id_ in run.tally.started - set(run.tally.finished) if run.tally.made_by[id_] == "A"}
-        orphans = Counter(str(status) for status in (await run.statuses(survivor, unfinished)).values())
+        orphans = Counter(str(status) for status in (await run.statuses(survivor, set(run.dead_left))).values())
         idle = await run.idle_latency(survivor, list(run.tally.finished), count=200)
         survivor_5xx = sum(n for (name, code), n in run.tally.statuses.items() if name == survivor.name and code >= 500)
-        return Report(run.tally, survivor_5xx, retrievable, stuck, settled_after, orphans, idle)
+        assert run.dead_stuck is not None, "replica A was not killed"
+        return Report(
+            tally=run.tally,
+            survivor_5xx=survivor_5xx,
+            retrievable=retrievable,
+            stuck=run.dead_stuck,
+            settled_after_s=run.dead_settled_after_s,
+            orphans=orphans,
+            left_after_run=left_after_run,
+            idle_ms=idle,
+        )
     finally:
         for replica in replicas:
             replica.stop()
@@ -154,10 +150,12 @@ def print_report(report: Report, args: argparse.Namespace, sqlite: tuple[Tally, 
     finished = len(tally.finished)
     share = report.retrievable / finished if finished else 0.0
     print(f"  completed responses retrievable from the survivor: {report.retrievable} of {finished} ({share:.1%})")
-    settled = f", none left {report.settled_after_s:.1f} s after the kill" if report.settled_after_s else ""
-    print(f"  started responses still in_progress 30 s after the kill: {report.stuck} (goal 0){settled}")
     left = ", ".join(f"{count} {status}" for status, count in sorted(report.orphans.items())) or "none"
-    print(f"  responses A started that no client saw finish, as the survivor stores them: {left}")
+    print(f"  responses A left unfinished when killed: {sum(report.orphans.values())}; now stored as: {left}")
+    after = report.settled_after_s
+    settled = f"; none left {after:.1f} s after the kill" if after is not None else ""
+    print(f"    of those, still in_progress 30 s after the kill: {report.stuck} (goal 0){settled}")
+    print(f"  any started response in_progress 30 s after the load ended: {report.left_after_run}")
     print("  store latency, GET /v1/responses/{id} from the other replica, under load:")
     print(f"    PostgreSQL: {latency(tally.store_ms)}")
     if sqlite:
@@ -198,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             "finished": len(report.tally.finished),
             "retrievable": report.retrievable,
             "stuck": report.stuck,
+            "settled_after_s": report.settled_after_s,
+            "left_by_the_killed_replica": dict(report.orphans),
+            "left_after_run": report.left_after_run,
             "postgres_store_ms": {"load": report.tally.store_ms, "idle": report.idle_ms},
             "sqlite_store_ms": {"load": sqlite[0].store_ms, "idle": sqlite[1]} if sqlite else None,
         }
