@@ -93,7 +93,9 @@ class Tally:
     started: set[str] = field(default_factory=set)  # every response id a client saw created
     finished: dict[str, str] = field(default_factory=dict)  # id -> completed / incomplete
     made_by: dict[str, str] = field(default_factory=dict)  # id -> replica
-    store_ms: list[float] = field(default_factory=list)  # GET /v1/responses/{id} under load
+    # GET /v1/responses/{id} under load, while every replica served, and after one was killed.
+    store_ms: list[float] = field(default_factory=list)
+    store_ms_after_kill: list[float] = field(default_factory=list)
 
 
 def summary(event: dict[str, Any]) -> dict[str, Any]:
@@ -286,7 +288,8 @@ class LoadRun:
         assert self._http is not None
         response = await self._get(self._http, replica, f"/v1/responses/{response_id}")
         if response is not None and response.status_code == 200:
-            self.tally.store_ms.append((time.perf_counter() - started) * 1000)
+            timings = self.tally.store_ms_after_kill if self.killed_at else self.tally.store_ms
+            timings.append((time.perf_counter() - started) * 1000)
 
     async def _get(self, http: httpx.AsyncClient, replica: Replica, path: str) -> httpx.Response | None:
         self.tally.requests += 1
