@@ -25,16 +25,26 @@ from respserve.engine.sequence import Sequence
 
 
 def _run_to_the_end(
-    server: RunningServer, model: Any, prompts: list[list[int]], num_blocks: int, max_new: int, budget: int
+    server: RunningServer,
+    model: Any,
+    prompts: list[list[int]],
+    num_blocks: int,
+    max_new: int,
+    budget: int,
+    device: str = "cpu",
 ) -> Scheduler:
-    """Greedy-decodes `prompts` through the paged engine, checking each sampled position's logits against
-    a plain forward of a copy of the model (its own attention, no cache) over the whole sequence."""
+    """Greedy-decodes `prompts` through the paged engine on `device`, checking each sampled position's
+    logits against a plain CPU forward of a copy of the model (its own attention, no cache) over the whole
+    sequence."""
     pipeline = server.state.default_model.worker.pipeline
     reference = type(model)(copy.deepcopy(model.config)).eval()
     reference.load_state_dict(model.state_dict())
     block_size = 4
-    cache = PagedKVCache(model.config, num_blocks, block_size, torch.float32, torch.device("cpu"))
-    runner = ModelRunner(model, cache, torch.device("cpu"))
+    model.to(device)
+    cache = PagedKVCache(model.config, num_blocks, block_size, torch.float32, torch.device(device))
+    for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring
+        pool[block_size:].fill_(float("nan"))
+    runner = ModelRunner(model, cache, torch.device(device))
     scheduler = Scheduler(BlockManager(num_blocks, block_size), max_running=8, max_prefill_tokens=budget)
     for index, prompt in enumerate(prompts):
         request = GenerationRequest(f"paged-{index}", prompt, SamplingParams(max_tokens=max_new, temperature=0))
@@ -52,7 +62,7 @@ def _run_to_the_end(
         for sequence, row in zip(sampling, logits, strict=True):
             with torch.inference_mode():
                 expected = reference(torch.tensor([sequence.token_ids])).logits[0, -1]
-            torch.testing.assert_close(row, expected, atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(row.cpu(), expected, atol=2e-4, rtol=1e-4)
             token = int(row.argmax())
             sequence.token_ids.append(token)
             sequence.output_ids.append(token)
@@ -79,6 +89,16 @@ def test_a_full_pool_preempts_and_recomputes_without_changing_a_logit(server: Ru
     # 19 usable blocks of 4 slots cannot hold the four sequences' 46 + 4 x 24 tokens at once.
     scheduler = _run_to_the_end(server, model, prompts, num_blocks=20, max_new=24, budget=16)
     assert scheduler.preemptions > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_paged_cuda_steps_match_the_cpu_reference(server: RunningServer) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 on both sides, so the logits compare closely
+    model = tiny_qwen3(server.state.default_model.worker.pipeline.tokenizer)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (7, 33, 2, 18)]
+    _run_to_the_end(server, model, prompts, num_blocks=20, max_new=24, budget=16, device="cuda")
 
 
 class _Tokens:

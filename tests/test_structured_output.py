@@ -90,8 +90,12 @@ def test_logprobs_in_the_resource_and_the_deltas(http) -> None:
 
     events, _ = stream_events(http, body)
     streamed = [lp for e in events if e["type"] == "response.output_text.delta" for lp in e["logprobs"]]
-    assert streamed == logprobs
-    assert events[-1]["response"]["output"][0]["content"][0]["logprobs"] == logprobs
+    assert events[-1]["response"]["output"][0]["content"][0]["logprobs"] == streamed
+    # The second request reuses the first one's prompt KV from the prefix cache and computes only the rest,
+    # so its float32 sums run in another order: the same tokens, log-probabilities equal to rounding.
+    assert [entry["token"] for entry in streamed] == [entry["token"] for entry in logprobs]
+    for again, first in zip(streamed, logprobs, strict=True):
+        assert abs(again["logprob"] - first["logprob"]) < 1e-3
 
 
 @pytest.mark.parametrize("extra", [{}, {"top_logprobs": 5}])

@@ -86,16 +86,19 @@ def build_step_layout(
         flat += end - start
     longest = max(row_lengths, default=0)
     width = -(-longest // block_size)
-    padded = torch.full((len(row_tables), max(width, 1)), NULL_BLOCK, dtype=torch.long)
+    padded = torch.full((len(row_tables), width), NULL_BLOCK, dtype=torch.long)
     for index, table in enumerate(row_tables):
-        padded[index, : len(table[:width])] = torch.tensor(table[:width])
-    per_row = padded.shape[1] * block_size if row_tables else 0
-    single_slots = (padded[:, :, None] * block_size + offsets).reshape(len(row_tables), per_row)[:, :longest]
+        padded[index, : len(table[:width])] = torch.tensor(table[:width], dtype=torch.long)
+    slots = (padded[:, :, None] * block_size + offsets).reshape(len(row_tables), width * block_size)[:, :longest]
+    lengths = torch.tensor(row_lengths, dtype=torch.long)
+    # Past a row's length its last block holds slots never written (uninitialised memory, maybe NaN, which
+    # a zero attention weight would still turn into NaN): read the zero block there instead.
+    single_slots = torch.where(torch.arange(longest) < lengths[:, None], slots, NULL_BLOCK * block_size)
     return StepLayout(
         slot_mapping=torch.cat(slot_mapping).to(device),
         single_rows=torch.tensor(rows, dtype=torch.long, device=device),
         single_slots=single_slots.to(device),
-        single_lengths=torch.tensor(row_lengths, dtype=torch.long, device=device),
+        single_lengths=lengths.to(device),
         chunks=chunks,
     )
 

@@ -3,10 +3,11 @@
 Every scheduled piece is a `Chunk` of one sequence's tokens [start, end) whose KV is computed this step; it
 samples a token when it reaches the end of what the sequence knows. Decoding sequences come first, so their
 pace holds while a long prompt arrives: prompts are prefilled at most `max_prefill_tokens` per step, in
-chunks, between decode steps. A waiting request is admitted when the pool can hold its prompt (its cached
-prefix taken from the pool instead of computed). When a decoding sequence needs a new block and none is
-left, the most recently admitted sequence is preempted: its blocks go back, and it waits at the head of
-the queue to be recomputed (mostly from the blocks it published, if they are still cached).
+chunks, between decode steps (IDLE_PREFILL_TOKENS when nothing decodes). A waiting request is admitted when
+the pool can hold its prompt (its cached prefix taken from the pool instead of computed). When a decoding
+sequence needs a new block and none is left, the most recently admitted sequence is preempted: its blocks
+go back, and it waits at the head of the queue to be recomputed (mostly from the blocks it published, if
+they are still cached).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 from respserve.engine.block_manager import BlockManager
 from respserve.engine.sequence import Sequence
+
+IDLE_PREFILL_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ class Scheduler:
 
     def schedule(self) -> list[Chunk]:
         chunks = self._decode_chunks()
-        budget = self.max_prefill_tokens
+        # With nobody decoding there is no pace to keep: prompts go in large chunks.
+        budget = self.max_prefill_tokens if chunks else max(self.max_prefill_tokens, IDLE_PREFILL_TOKENS)
         for sequence in self.running:
             if budget <= 0:
                 break
