@@ -146,7 +146,9 @@ class LoadRun:
 
     async def drive(self, clients: int, seconds: float, kill_after_s: float | None) -> None:
         size = 2 * clients + 16
-        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        # Idle connections are dropped well before uvicorn's 5 s keep-alive closes them: a request sent on
+        # a connection the server is closing at that moment fails with no response (a client-side race).
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=2.0)
         async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10), limits=limits) as self._http:
             deadline = asyncio.get_running_loop().time() + seconds
             work = [self._client(index, deadline) for index in range(clients)]
@@ -296,7 +298,7 @@ class LoadRun:
         try:
             response = await http.get(f"{replica.base_url}{path}")
         except httpx.HTTPError as exc:
-            self.tally.errors[(replica.name, type(exc).__name__)] += 1
+            self.tally.errors[(replica.name, f"{type(exc).__name__} on GET /v1/responses/{{id}}")] += 1
             return None
         self.tally.statuses[(replica.name, response.status_code)] += 1
         return response
@@ -320,5 +322,6 @@ class LoadRun:
                         if len(events) == stop_after:
                             break
         except httpx.HTTPError as exc:
-            self.tally.errors[(replica.name, type(exc).__name__)] += 1
+            when = "after its first event" if events else "before any event"
+            self.tally.errors[(replica.name, f"{type(exc).__name__} on a {method} stream, {when}")] += 1
         return events
