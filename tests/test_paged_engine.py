@@ -20,6 +20,7 @@ from respserve.engine.block_manager import BlockManager
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes
 from respserve.engine.model_runner import ModelRunner
+from respserve.engine.prefill_budget import SLOWDOWN, PrefillBudget
 from respserve.engine.scheduler import Scheduler
 from respserve.engine.sequence import Sequence
 
@@ -46,6 +47,7 @@ def _run_to_the_end(
         pool[block_size:].fill_(float("nan"))
     runner = ModelRunner(model, cache, torch.device(device))
     scheduler = Scheduler(BlockManager(num_blocks, block_size), max_running=8, max_prefill_tokens=budget)
+    scheduler.prefill_budget = PrefillBudget(budget, idle_tokens=budget)  # chunks of `budget`, decoding or not
     for index, prompt in enumerate(prompts):
         request = GenerationRequest(f"paged-{index}", prompt, SamplingParams(max_tokens=max_new, temperature=0))
         scheduler.add(
@@ -99,6 +101,20 @@ def test_paged_cuda_steps_match_the_cpu_reference(server: RunningServer) -> None
     torch.manual_seed(3)
     prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (7, 33, 2, 18)]
     _run_to_the_end(server, model, prompts, num_blocks=20, max_new=24, budget=16, device="cuda")
+
+
+def test_the_prefill_budget_keeps_a_mixed_step_within_its_slowdown_of_a_decode_step() -> None:
+    budget = PrefillBudget(max_tokens=512)
+    assert budget.tokens(decoding=False) == 2048  # nobody to keep pace with
+    assert budget.tokens(decoding=True) == 64  # costs not measured yet
+    for _ in range(30):
+        budget.observe(decode_rows=8, prefill_tokens=0, seconds=0.050)
+        budget.observe(decode_rows=8, prefill_tokens=100, seconds=0.050 + 100 * 0.004)
+    fits = budget.tokens(decoding=True)
+    assert fits == int((SLOWDOWN - 1) * 0.050 / 0.004)
+    assert 0.050 + fits * 0.004 <= SLOWDOWN * 0.050
+    budget.observe(decode_rows=8, prefill_tokens=10, seconds=100.0)  # one very slow step: never below 16
+    assert budget.tokens(decoding=True) == 16
 
 
 class _Tokens:

@@ -129,10 +129,13 @@ def paged_attention(
         flat_slots = step.single_slots.reshape(-1)
         keys = key.index_select(0, flat_slots).view(count, longest, kv_heads, head_dim).transpose(1, 2)
         values = value.index_select(0, flat_slots).view(count, longest, kv_heads, head_dim).transpose(1, 2)
-        queries = query[0, :, rows, :].transpose(0, 1).unsqueeze(2)
+        only_rows = count == tokens  # a pure decode step: the rows are the whole step, in order
+        queries = (query[0] if only_rows else query[0, :, rows, :]).transpose(0, 1).unsqueeze(2)
         attended = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=step.single_mask(sliding_window), scale=scaling, enable_gqa=True
         )
+        if only_rows:
+            return attended[:, :, 0, :].unsqueeze(0), None
         out[rows] = attended[:, :, 0, :]
     for chunk in step.chunks:
         keys = key.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)

@@ -2,12 +2,12 @@
 
 Every scheduled piece is a `Chunk` of one sequence's tokens [start, end) whose KV is computed this step; it
 samples a token when it reaches the end of what the sequence knows. Decoding sequences come first, so their
-pace holds while a long prompt arrives: prompts are prefilled at most `max_prefill_tokens` per step, in
-chunks, between decode steps (IDLE_PREFILL_TOKENS when nothing decodes). A waiting request is admitted when
-the pool can hold its prompt (its cached prefix taken from the pool instead of computed). When a decoding
-sequence needs a new block and none is left, the most recently admitted sequence is preempted: its blocks
-go back, and it waits at the head of the queue to be recomputed (mostly from the blocks it published, if
-they are still cached).
+pace holds while a long prompt arrives: prompts are prefilled in chunks between decode steps, as many tokens
+per step as keep the step short (prefill_budget.py; at most `max_prefill_tokens`). A waiting request is
+admitted when the pool can hold its prompt (its cached prefix taken from the pool instead of computed).
+When a decoding sequence needs a new block and none is left, the most recently admitted sequence is
+preempted: its blocks go back, and it waits at the head of the queue to be recomputed (mostly from the
+blocks it published, if they are still cached).
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from respserve.engine.block_manager import BlockManager
+from respserve.engine.prefill_budget import PrefillBudget
 from respserve.engine.sequence import Sequence
-
-IDLE_PREFILL_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ class Scheduler:
     def __init__(self, blocks: BlockManager, max_running: int, max_prefill_tokens: int) -> None:
         self.blocks = blocks
         self.max_running = max_running
-        self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_budget = PrefillBudget(max_prefill_tokens)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.too_long: list[Sequence] = []  # sequences the whole pool cannot hold; the worker ends them
@@ -47,8 +46,7 @@ class Scheduler:
 
     def schedule(self) -> list[Chunk]:
         chunks = self._decode_chunks()
-        # With nobody decoding there is no pace to keep: prompts go in large chunks.
-        budget = self.max_prefill_tokens if chunks else max(self.max_prefill_tokens, IDLE_PREFILL_TOKENS)
+        budget = self.prefill_budget.tokens(decoding=bool(chunks))
         for sequence in self.running:
             if budget <= 0:
                 break

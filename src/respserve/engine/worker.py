@@ -15,6 +15,7 @@ serialisation.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -128,6 +129,7 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
     def _run_step(self, chunks: list[Chunk]) -> None:
         self._started(chunk.sequence for chunk in chunks)
         sampling = [chunk.sequence for chunk in chunks if chunk.samples]
+        started = time.perf_counter()
         try:
             logits = self._runner.run(chunks)
             sample = self._sampler.sample(logits, [sequence.sampling_row for sequence in sampling])
@@ -136,6 +138,9 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
             for sequence in {id(chunk.sequence): chunk.sequence for chunk in chunks}.values():
                 self._fail(sequence, exc)
             return
+        decode_rows = sum(1 for chunk in chunks if chunk.end - chunk.start == 1)
+        prefill_tokens = sum(chunk.end - chunk.start for chunk in chunks) - decode_rows
+        self.scheduler.prefill_budget.observe(decode_rows, prefill_tokens, time.perf_counter() - started)
         self.scheduler.computed(chunks)
         self._advance(sampling, sample)
 

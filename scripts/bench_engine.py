@@ -1,0 +1,125 @@
+"""The engine's own scenarios, on one respserve server: long chains, and a long prompt among streams.
+
+    python scripts/bench_engine.py            # the embedded SmolLM2 on the CPU
+
+1. Chain: the TTFT of a fresh ~50-token prompt (median of 3, each distinct from its first words), then an
+   8-turn `previous_response_id` chain whose first turn carries a ~1,500-token history and whose later turns
+   add ~30 tokens each. Prints each turn's TTFT and cached tokens, and turn 8's TTFT over the fresh one
+   (the target: at most 1.5, since only the new tokens are prefilled).
+2. A long prompt among streams: 8 streams decode 192 tokens each; 2 s in, a ~3,000-token prompt arrives.
+   Prints the 8 streams' inter-token latency p50 and p99 (the target: p99 at most 3x p50, since the
+   prompt is prefilled in chunks between decode steps), and the long prompt's TTFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_peers import ServerProcess  # noqa: E402
+
+HISTORY = " ".join(
+    f"Note {n}: the harbour log records a calm sea, a steady wind and a ship in port." for n in range(80)
+)
+TURNS = [
+    f"Question {n}: summarise what the notes say about the weather in one short line, please, and stop."
+    for n in range(2, 9)
+]
+
+
+async def stream(client: httpx.AsyncClient, body: dict, gaps: list[float] | None = None) -> dict:
+    """Streams one response; returns its TTFT, id and usage, appending inter-token gaps to `gaps`."""
+    started = time.perf_counter()
+    ttft, last, completed = None, None, {}
+    async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            if event["type"] == "response.output_text.delta":
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft = now - started
+                elif gaps is not None and last is not None:
+                    gaps.append(now - last)
+                last = now
+            elif event["type"] == "response.completed":
+                completed = event["response"]
+    return {"ttft": ttft, "id": completed.get("id"), "usage": completed.get("usage", {})}
+
+
+async def chain(client: httpx.AsyncClient, model: str) -> dict:
+    base = {"model": model, "temperature": 0, "max_output_tokens": 16}
+    fresh = []
+    for word in ("Harbour", "Lighthouse", "Orchard"):
+        prompt = f"{word} question: " + "describe a quiet morning by the water in a few plain words " * 4
+        fresh.append((await stream(client, {**base, "input": prompt}))["ttft"])
+    turns = [await stream(client, {**base, "input": HISTORY + "\n\nQuestion 1: what is in port?"})]
+    for text in TURNS:
+        turns.append(await stream(client, {**base, "input": text, "previous_response_id": turns[-1]["id"]}))
+    fresh_ttft = statistics.median(fresh)
+    for index, turn in enumerate(turns, 1):
+        usage = turn["usage"]
+        cached = usage.get("input_tokens_details", {}).get("cached_tokens", 0)
+        print(f"  turn {index}: TTFT {turn['ttft']:.3f} s, {usage.get('input_tokens')} input tokens, {cached} cached")
+    ratio = turns[-1]["ttft"] / fresh_ttft
+    print(f"fresh ~50-token prompt TTFT {fresh_ttft:.3f} s; turn 8 / fresh = x{ratio:.2f} (target <= 1.5)")
+    return {"fresh_ttft": fresh_ttft, "turn_ttft": [turn["ttft"] for turn in turns], "ratio": ratio}
+
+
+async def long_prompt(client: httpx.AsyncClient, model: str) -> dict:
+    gaps: list[float] = []
+    body = {"model": model, "temperature": 0, "max_output_tokens": 192}
+    streams = [
+        asyncio.create_task(stream(client, {**body, "input": f"Count slowly from {n} to a thousand."}, gaps))
+        for n in range(8)
+    ]
+    await asyncio.sleep(2.0)
+    long_text = " ".join(f"Line {n}: a long prompt arrives while others are decoding." for n in range(250))
+    arrived = await stream(client, {**body, "max_output_tokens": 16, "input": long_text})
+    await asyncio.gather(*streams)
+    p50, p99 = statistics.median(gaps), statistics.quantiles(gaps, n=100)[98]
+    print(
+        f"8 streams with a {arrived['usage'].get('input_tokens')}-token prompt arriving: ITL p50 {p50 * 1e3:.1f} ms,"
+        f" p99 {p99 * 1e3:.1f} ms, p99/p50 x{p99 / p50:.2f} (target <= 3); the long prompt's TTFT"
+        f" {arrived['ttft']:.2f} s"
+    )
+    return {"itl_p50": p50, "itl_p99": p99, "long_ttft": arrived["ttft"]}
+
+
+async def run(base_url: str, model: str) -> dict:
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        print("chain:")
+        chained = await chain(client, model)
+        print("long prompt among streams:")
+        interleaved = await long_prompt(client, model)
+    return {"chain": chained, "long_prompt": interleaved}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=8191)
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("serve_args", nargs="*", help="more `respserve serve` flags")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "respserve", "serve", "--port", str(args.port), *args.serve_args]
+    command += ["--data-dir", str(args.out / "engine-data")]
+    with ServerProcess(command, args.port, args.out / "engine.log"):
+        model = httpx.get(f"http://127.0.0.1:{args.port}/v1/models").json()["data"][0]["id"]
+        results = asyncio.run(run(f"http://127.0.0.1:{args.port}", model))
+    (args.out / "bench_engine.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out / 'bench_engine.json'}")
+
+
+if __name__ == "__main__":
+    main()
