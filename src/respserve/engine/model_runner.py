@@ -6,7 +6,8 @@ its cache is the pool (kv_cache.py). Logits are computed only for the chunks tha
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -15,16 +16,18 @@ from respserve.engine.paged_attention import ATTENTION_NAME, build_step_layout
 from respserve.engine.scheduler import Chunk
 
 
-class ModelRunner:
-    def __init__(self, model: Any, cache: PagedKVCache, device: torch.device) -> None:
-        self.model = model
-        self.cache = cache
-        self.device = device
-        model.set_attn_implementation(ATTENTION_NAME)
+@dataclass(frozen=True)
+class StepInputs:
+    """A step as plain data: all a process needs to run it (tensor-parallel peers receive it)."""
 
-    @torch.inference_mode()
-    def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Computes the chunks' KV; returns logits [sampling chunks, vocab], in chunk order."""
+    input_ids: list[int]
+    positions: list[int]
+    block_tables: list[list[int]]
+    spans: list[tuple[int, int]]  # each sequence's positions [start, end) computed in this step
+    sampled_rows: list[int]  # flat indices whose logits are wanted
+
+    @classmethod
+    def of(cls, chunks: list[Chunk]) -> StepInputs:
         input_ids: list[int] = []
         positions: list[int] = []
         sampled_rows: list[int] = []
@@ -33,18 +36,38 @@ class ModelRunner:
             positions.extend(range(chunk.start, chunk.end))
             if chunk.samples:
                 sampled_rows.append(len(input_ids) - 1)
-        layout = build_step_layout(
-            [chunk.sequence.block_table for chunk in chunks],
-            [(chunk.start, chunk.end) for chunk in chunks],
-            self.cache.block_size,
-            self.device,
-        )
+        tables = [chunk.sequence.block_table for chunk in chunks]
+        return cls(input_ids, positions, tables, [(chunk.start, chunk.end) for chunk in chunks], sampled_rows)
+
+
+class ModelRunner:
+    def __init__(self, model: Any, cache: PagedKVCache, device: torch.device, peers: StepSender | None = None) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = device
+        self.peers = peers  # tensor-parallel processes that run every step beside this one
+        model.set_attn_implementation(ATTENTION_NAME)
+
+    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Computes the chunks' KV; returns logits [sampling chunks, vocab], in chunk order."""
+        step = StepInputs.of(chunks)
+        if self.peers is not None:
+            self.peers.send(step)
+        return self.forward(step)
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        layout = build_step_layout(step.block_tables, step.spans, self.cache.block_size, self.device)
         out = self.model(
-            input_ids=torch.tensor([input_ids], device=self.device),
-            position_ids=torch.tensor([positions], device=self.device),
+            input_ids=torch.tensor([step.input_ids], device=self.device),
+            position_ids=torch.tensor([step.positions], device=self.device),
             cache=self.cache,
             use_cache=True,
-            logits_to_keep=torch.tensor(sampled_rows, dtype=torch.long, device=self.device),
+            logits_to_keep=torch.tensor(step.sampled_rows, dtype=torch.long, device=self.device),
             paged_step=layout,
         )
         return out.logits[0]
+
+
+class StepSender(Protocol):
+    def send(self, step: StepInputs) -> None: ...
