@@ -363,7 +363,7 @@ def test_cuda_pipeline_runs_in_bf16_and_matches_its_seed(tmp_path: Path) -> None
     assert pipeline.device.type == "cuda" and pipeline.dtype == torch.bfloat16
 
     def run(seed: int) -> np.ndarray:
-        (image,) = pipeline.generate(["a fox"], None, [seed], 64, 64, 2, 5.0, lambda step, latents: False)
+        (image,) = pipeline.generate(["a fox"], None, [seed], 64, 64, 2, 5.0, lambda step, total, latents: False)
         return np.asarray(image)
 
     assert run(1).shape == (64, 64, 3)

@@ -1,11 +1,16 @@
 """From a request to an `ImageRequest`: an image model's request (`provider_options.image`), or a text
-model's request that forces OpenAI's `image_generation` tool. Sizes are checked against the pipeline."""
+model's request that forces OpenAI's `image_generation` tool. Sizes are checked against the pipeline.
+
+With an `input_image` in the user message the request is an edit (image to image, or inpainting with a
+mask): the input is read by edit_images.py, and the output takes its size unless one is asked for.
+"""
 
 from __future__ import annotations
 
+from respserve.api.edit_images import EditImages, read_edit_images
 from respserve.api.errors import InvalidRequestError
 from respserve.api.state import AppState, ServedImageModel
-from respserve.engine.generation import ImageRequest
+from respserve.engine.generation import ImageEdit, ImageRequest
 from respserve.engine.image_pipeline import ImagePipeline
 from respserve.protocol.content import InputText
 from respserve.protocol.ids import new_id
@@ -15,6 +20,7 @@ from respserve.protocol.text_format import TextFormat
 from respserve.protocol.tools import HostedToolChoice, ImageGenerationTool
 
 _OPTIONS = "provider_options.image"
+DEFAULT_STRENGTH = 0.8  # an edit's default: most of the picture's noise is redrawn, its layout stays
 
 
 def image_prompt(body: CreateResponseRequest) -> str:
@@ -34,7 +40,9 @@ def image_prompt(body: CreateResponseRequest) -> str:
     return prompt
 
 
-def plan_image(body: CreateResponseRequest, served: ServedImageModel, state: AppState) -> ImageRequest:
+async def plan_image(
+    body: CreateResponseRequest, served: ServedImageModel, state: AppState, owner: str | None
+) -> ImageRequest:
     """An image model's request: the options come from `provider_options.image`."""
     if body.tools:
         raise InvalidRequestError(f"The image model '{served.name}' does not call tools.", param="tools")
@@ -46,14 +54,22 @@ def plan_image(body: CreateResponseRequest, served: ServedImageModel, state: App
         raise InvalidRequestError(
             f"The image model '{served.name}' does not take a negative prompt.", param=f"{_OPTIONS}.negative_prompt"
         )
-    width = _side(options.width, pipeline.default_size[0], pipeline, state, f"{_OPTIONS}.width")
-    height = _side(options.height, pipeline.default_size[1], pipeline, state, f"{_OPTIONS}.height")
+    prompt = image_prompt(body)
+    edit = await read_edit_images(body, options.input_image_mask, f"{_OPTIONS}.input_image_mask", state, owner)
+    if edit is None and options.strength is not None:
+        raise InvalidRequestError(
+            "'strength' applies to edits: send an 'input_image' part with the prompt.", param=f"{_OPTIONS}.strength"
+        )
+    default_width, default_height = _default_size(edit, pipeline, state)
+    width = _side(options.width, default_width, pipeline, state, f"{_OPTIONS}.width")
+    height = _side(options.height, default_height, pipeline, state, f"{_OPTIONS}.height")
+    steps = options.steps or pipeline.default_steps
     return ImageRequest(
         request_id=new_id("req"),
-        prompt=image_prompt(body),
+        prompt=prompt,
         width=width,
         height=height,
-        steps=options.steps or pipeline.default_steps,
+        steps=steps,
         num_images=options.num_images,
         guidance_scale=options.guidance_scale,
         negative_prompt=options.negative_prompt,
@@ -61,6 +77,9 @@ def plan_image(body: CreateResponseRequest, served: ServedImageModel, state: App
         output_format=options.output_format,
         output_compression=options.output_compression,
         partial_images=options.partial_images if body.stream else 0,
+        edit=_edit(
+            edit, options.strength, steps, served, f"{_OPTIONS}.{'steps' if options.strength is None else 'strength'}"
+        ),
     )
 
 
@@ -92,27 +111,73 @@ def tool_image_model(tool: ImageGenerationTool, state: AppState) -> ServedImageM
     return next((model for model in served if model.name == tool.model), served[0])
 
 
-def plan_image_tool(
-    body: CreateResponseRequest, tool: ImageGenerationTool, served: ServedImageModel, state: AppState
+async def plan_image_tool(
+    body: CreateResponseRequest, tool: ImageGenerationTool, served: ServedImageModel, state: AppState, owner: str | None
 ) -> ImageRequest:
-    """A forced `image_generation` call: size, format and previews come from the tool's options."""
+    """A forced `image_generation` call: size, format and previews come from the tool's options; an
+    `input_image` with the prompt is edited (unless the tool's `action` is `generate`)."""
     pipeline = served.worker.pipeline
     index = next(i for i, candidate in enumerate(body.tools or []) if candidate is tool)
-    width = height = None
-    if tool.size and tool.size != "auto":
-        width, height = (int(side) for side in tool.size.split("x"))
+    prompt = image_prompt(body)
+    edit = None
+    if tool.action != "generate":
+        edit = await read_edit_images(body, tool.input_image_mask, f"tools[{index}].input_image_mask", state, owner)
+    if edit is None and tool.action == "edit":
+        raise InvalidRequestError(
+            "The image_generation tool's action is 'edit', but the user message has no 'input_image'.", param="input"
+        )
+    width, height = _default_size(edit, pipeline, state)
     param = f"tools[{index}].size"
+    if tool.size and tool.size != "auto":
+        asked_width, asked_height = (int(side) for side in tool.size.split("x"))
+        width = _side(asked_width, width, pipeline, state, param)
+        height = _side(asked_height, height, pipeline, state, param)
     return ImageRequest(
         request_id=new_id("req"),
-        prompt=image_prompt(body),
-        width=_side(width, pipeline.default_size[0], pipeline, state, param),
-        height=_side(height, pipeline.default_size[1], pipeline, state, param),
+        prompt=prompt,
+        width=width,
+        height=height,
         steps=pipeline.default_steps,
         seed=body.seed,
         output_format=tool.output_format or "png",
         output_compression=tool.output_compression,
         partial_images=(tool.partial_images or 0) if body.stream else 0,
+        edit=_edit(edit, None, pipeline.default_steps, served, f"tools[{index}]"),
     )
+
+
+def _default_size(edit: EditImages | None, pipeline: ImagePipeline, state: AppState) -> tuple[int, int]:
+    """The pipeline's default size; for an edit, the input's, shrunk to fit `--image-max-side` and rounded
+    down to the pipeline's size multiple."""
+    if edit is None:
+        return pipeline.default_size
+    multiple, width, height = pipeline.size_multiple, *edit.size
+    scale = min(1.0, state.settings.image_max_side / max(width, height))
+    return max(multiple, int(width * scale) // multiple * multiple), max(
+        multiple, int(height * scale) // multiple * multiple
+    )
+
+
+def _edit(
+    edit: EditImages | None, strength: float | None, steps: int, served: ServedImageModel, param: str
+) -> ImageEdit | None:
+    """The edit to run (None for text to image), checked against the pipeline; `param`
+    names what to change when the strength leaves no step to run."""
+    if edit is None:
+        return None
+    kind = "inpaint" if edit.mask is not None else "edit"
+    if not served.worker.pipeline.can(kind):
+        what = "inpainting (an input_image_mask)" if kind == "inpaint" else "image edits (an input_image)"
+        raise InvalidRequestError(
+            f"The image model '{served.name}' does not do {what}.", param="input", code="unsupported_content"
+        )
+    value = DEFAULT_STRENGTH if strength is None else strength
+    if int(steps * value) < 1:  # diffusers runs int(steps * strength) denoising steps
+        raise InvalidRequestError(
+            f"strength {value:g} of {steps} steps runs no denoising step: steps x strength must reach 1.",
+            param=param,
+        )
+    return ImageEdit(edit.image, edit.mask, value)
 
 
 def _side(value: int | None, default: int, pipeline: ImagePipeline, state: AppState, param: str) -> int:

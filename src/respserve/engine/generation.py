@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,27 @@ class GenerationRequest:
 
 
 ImageFormat = Literal["png", "jpeg", "webp"]
+ImageKind = Literal["generate", "edit", "inpaint"]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageEdit:
+    """What an edit starts from: a picture (RGB) and, for inpainting, a mask (grayscale, white where the
+    picture may change, its size). The pipeline noises the picture to `strength` and denoises from there."""
+
+    image: Image.Image
+    mask: Image.Image | None
+    strength: float
+
+    @property
+    def kind(self) -> ImageKind:
+        return "inpaint" if self.mask is not None else "edit"
 
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """One text-to-image request: `num_images` images of one prompt, encoded as `output_format`."""
+    """One image request: `num_images` images of one prompt, encoded as `output_format`; drawn from noise,
+    or from the picture of an `edit`."""
 
     request_id: str
     prompt: str
@@ -77,11 +96,19 @@ class ImageRequest:
     output_format: ImageFormat = "png"
     output_compression: int | None = None  # jpeg/webp quality, 0-100
     partial_images: int = 0  # previews decoded from the latents along the way (0-3)
+    edit: ImageEdit | None = None
+
+    @property
+    def kind(self) -> ImageKind:
+        return "generate" if self.edit is None else self.edit.kind
 
     @property
     def batch_key(self) -> tuple[object, ...]:
-        """Requests with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.negative_prompt is not None)
+        """Requests with equal keys can share one pipeline call: one kind (each has its own pipeline), one
+        strength for edits, and the same size, steps, guidance and negative-prompt presence."""
+        strength = None if self.edit is None else self.edit.strength
+        shape = (self.width, self.height, self.steps, self.guidance_scale, self.negative_prompt is not None)
+        return (self.kind, strength, *shape)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The image worker: a thread that owns a diffusers pipeline and batches compatible requests.
 
-Waiting requests with the same size, steps, guidance and negative-prompt presence (`ImageRequest.batch_key`)
+Waiting requests of the same kind (text to image, edit, inpainting: each has its own pipeline) with the
+same size, steps, guidance, negative-prompt presence and, for edits, strength (`ImageRequest.batch_key`)
 run as one pipeline call, up to `max_batch_images` images. A request's previews are decoded from the
 latents at evenly spaced steps; its final images are encoded here, off the event loop.
 
@@ -23,7 +24,7 @@ from PIL import Image
 
 from respserve.engine.generation import EncodedImage, GenerationOutput, GenerationStatus, ImageRequest
 from respserve.engine.image_encoding import encode_image
-from respserve.engine.image_pipeline import ImagePipeline
+from respserve.engine.image_pipeline import EditBatch, ImagePipeline
 from respserve.engine.worker_thread import WorkerThread
 
 logger = logging.getLogger(__name__)
@@ -110,13 +111,13 @@ class ImageWorker(WorkerThread[ImageRequest]):
             negatives += [request.negative_prompt or ""] * request.num_images
             seeds += [base + index for index in range(request.num_images)]
             rows[request.request_id] = range(start, len(prompts))
-        marks = {request.request_id: preview_steps(request.steps, request.partial_images) for request in batch}
+        marks: dict[str, list[int]] = {}  # each request's preview steps, once the call's step count is known
 
-        def on_step(step: int, latents: torch.Tensor) -> bool:
+        def on_step(step: int, total: int, latents: torch.Tensor) -> bool:
             self._cancelled |= self._queue.channels.take_cancelled()
             live = [request for request in batch if request.request_id not in self._cancelled]
             for request in live:
-                request_marks = marks[request.request_id]
+                request_marks = marks.setdefault(request.request_id, preview_steps(total, request.partial_images))
                 if step in request_marks:
                     self._emit_preview(request, request_marks.index(step), latents[rows[request.request_id]])
             return not live
@@ -133,6 +134,7 @@ class ImageWorker(WorkerThread[ImageRequest]):
                     first.steps,
                     guidance,
                     on_step,
+                    _edit_batch(batch),
                 )
             self.batches += 1
         except Exception as exc:  # a failed call fails its requests; the worker goes on
@@ -162,6 +164,16 @@ class ImageWorker(WorkerThread[ImageRequest]):
 
     def _device_stream(self) -> AbstractContextManager[object]:
         return torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
+
+
+def _edit_batch(batch: list[ImageRequest]) -> EditBatch | None:
+    """The pictures of a batch of edits (all of one kind and strength: see `ImageRequest.batch_key`)."""
+    edits = [(request.edit, request.num_images) for request in batch if request.edit is not None]
+    if not edits:
+        return None
+    images = [edit.image for edit, count in edits for _ in range(count)]
+    masks = [edit.mask for edit, count in edits for _ in range(count) if edit.mask is not None]
+    return EditBatch(images, masks or None, edits[0][0].strength)
 
 
 def _encoded(request: ImageRequest, pictures: list[Image.Image]) -> list[EncodedImage]:

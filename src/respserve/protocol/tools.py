@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from respserve.protocol.content import WireModel
+from respserve.protocol.input_image_mask import InputImageMask
 
 
 class FunctionTool(WireModel):
@@ -28,6 +29,8 @@ class ImageGenerationTool(WireModel):
     partial_images: int | None = Field(default=None, ge=0, le=3)
     quality: Literal["low", "medium", "high", "auto"] | None = None
     background: Literal["transparent", "opaque", "auto"] | None = None
+    action: Literal["generate", "edit", "auto"] | None = None  # auto: edit when the input has an image
+    input_image_mask: InputImageMask | None = None
 
     @model_serializer(mode="wrap")
     def _set_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

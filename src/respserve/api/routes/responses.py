@@ -70,7 +70,7 @@ async def create_response(
     resource = initial_resource(body, served.name)
     if body.background:
         resource.status = "queued"
-    work = await _plan(read_body, read_context, served, state, resource, str(http_request.base_url))
+    work = await _plan(read_body, read_context, served, state, resource, str(http_request.base_url), owner)
     try:
         outputs = work.worker.submit(work.request)
     except QueueFull as exc:
@@ -134,11 +134,12 @@ async def _plan(
     state: AppState,
     resource: ResponseResource,
     base_url: str,
+    owner: str | None,
 ) -> _Work:
     """An image model makes images; a text model forced to call `image_generation` hands the prompt to an
     image model; otherwise the text model generates."""
     if isinstance(served, ServedImageModel):
-        request = plan_image(body, served, state)
+        request = await plan_image(body, served, state, owner)
         if body.image_options.response_format == "b64_json":
             return _Work(served.worker, request, ImageMessageConverter(resource))
         image_ids = tuple(new_id("img") for _ in range(request.num_images))
@@ -147,7 +148,7 @@ async def _plan(
     tool = forced_image_tool(body)
     if tool is not None:
         image_model = tool_image_model(tool, state)
-        request = plan_image_tool(body, tool, image_model, state)
+        request = await plan_image_tool(body, tool, image_model, state, owner)
         converter = ImageCallConverter(resource, request.prompt, f"{request.width}x{request.height}")
         return _Work(image_model.worker, request, converter)
     turns = await McpSession.open(body, stored_context) if mcp_servers(body) else None
