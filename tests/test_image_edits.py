@@ -17,11 +17,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import OpenResponsesSchema, RunningServer, free_port, start_server, stop_server, stream_events, wait_for
 from PIL import Image
 
 from respserve.api.image_decoding import as_mask
 from respserve.config import load_settings
+from respserve.engine.image_pipeline import EditBatch, ImagePipeline
 from respserve.engine.image_worker import preview_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -386,3 +388,25 @@ def test_edits_leave_text_to_image_as_it_was(ehttp: httpx.Client, schema: OpenRe
         ehttp, _edit_body(model, _picture_url(32, 32), strength=0.5, input_image_mask=_mask_url(_mask(32, 32))), schema
     )
     assert _post(ehttp, body, schema)["output"][0]["content"][0]["image_data"] == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", MODELS)
+def test_cuda_edits_run_in_bf16_and_match_their_seed(tmp_path: Path, model: str) -> None:
+    pipeline = ImagePipeline.load(build(model, tmp_path / model), device="cuda")
+    assert pipeline.dtype == torch.bfloat16
+    picture, mask = _picture(64, 48), _mask(64, 48).getchannel("A").point(lambda value: 255 - value)
+    steps: list[int] = []
+
+    def run(seed: int, masks: list[Image.Image] | None) -> np.ndarray:
+        edit = EditBatch([picture], masks, strength=0.5)
+        (image,) = pipeline.generate(
+            ["a fox"], None, [seed], 64, 48, 8, 3.5, lambda s, t, _: steps.append(t) is not None, edit
+        )
+        return np.asarray(image)
+
+    for masks in (None, [mask]):
+        first = run(1, masks)
+        assert first.shape == (48, 64, 3) and np.array_equal(first, run(1, masks))
+    assert set(steps) == {4}

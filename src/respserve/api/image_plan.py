@@ -64,6 +64,7 @@ async def plan_image(
     width = _side(options.width, default_width, pipeline, state, f"{_OPTIONS}.width")
     height = _side(options.height, default_height, pipeline, state, f"{_OPTIONS}.height")
     steps = options.steps or pipeline.default_steps
+    strength_param = f"{_OPTIONS}.{'steps' if options.strength is None else 'strength'}"
     return ImageRequest(
         request_id=new_id("req"),
         prompt=prompt,
@@ -77,9 +78,7 @@ async def plan_image(
         output_format=options.output_format,
         output_compression=options.output_compression,
         partial_images=options.partial_images if body.stream else 0,
-        edit=_edit(
-            edit, options.strength, steps, served, f"{_OPTIONS}.{'steps' if options.strength is None else 'strength'}"
-        ),
+        edit=_edit(edit, options.strength, steps, served, (strength_param, f"{_OPTIONS}.input_image_mask")),
     )
 
 
@@ -119,9 +118,10 @@ async def plan_image_tool(
     pipeline = served.worker.pipeline
     index = next(i for i, candidate in enumerate(body.tools or []) if candidate is tool)
     prompt = image_prompt(body)
+    mask_param = f"tools[{index}].input_image_mask"
     edit = None
     if tool.action != "generate":
-        edit = await read_edit_images(body, tool.input_image_mask, f"tools[{index}].input_image_mask", state, owner)
+        edit = await read_edit_images(body, tool.input_image_mask, mask_param, state, owner)
     if edit is None and tool.action == "edit":
         raise InvalidRequestError(
             "The image_generation tool's action is 'edit', but the user message has no 'input_image'.", param="input"
@@ -142,7 +142,7 @@ async def plan_image_tool(
         output_format=tool.output_format or "png",
         output_compression=tool.output_compression,
         partial_images=(tool.partial_images or 0) if body.stream else 0,
-        edit=_edit(edit, None, pipeline.default_steps, served, f"tools[{index}]"),
+        edit=_edit(edit, None, pipeline.default_steps, served, (f"tools[{index}]", mask_param)),
     )
 
 
@@ -151,31 +151,39 @@ def _default_size(edit: EditImages | None, pipeline: ImagePipeline, state: AppSt
     down to the pipeline's size multiple."""
     if edit is None:
         return pipeline.default_size
-    multiple, width, height = pipeline.size_multiple, *edit.size
-    scale = min(1.0, state.settings.image_max_side / max(width, height))
-    return max(multiple, int(width * scale) // multiple * multiple), max(
-        multiple, int(height * scale) // multiple * multiple
-    )
+    multiple = pipeline.size_multiple
+    scale = min(1.0, state.settings.image_max_side / max(edit.size))
+
+    def fitted(side: int) -> int:
+        return max(multiple, int(side * scale) // multiple * multiple)
+
+    return fitted(edit.size[0]), fitted(edit.size[1])
 
 
 def _edit(
-    edit: EditImages | None, strength: float | None, steps: int, served: ServedImageModel, param: str
+    edit: EditImages | None,
+    strength: float | None,
+    steps: int,
+    served: ServedImageModel,
+    params: tuple[str, str],
 ) -> ImageEdit | None:
-    """The edit to run (None for text to image), checked against the pipeline; `param`
-    names what to change when the strength leaves no step to run."""
+    """The edit to run (None for text to image), checked against the pipeline. `params`: what to name when
+    the strength leaves no step to run, and the mask's field."""
     if edit is None:
         return None
-    kind = "inpaint" if edit.mask is not None else "edit"
-    if not served.worker.pipeline.can(kind):
-        what = "inpainting (an input_image_mask)" if kind == "inpaint" else "image edits (an input_image)"
+    if not served.worker.pipeline.can("edit" if edit.mask is None else "inpaint"):
+        what = "image edits (an input_image)" if edit.mask is None else "inpainting (an input_image_mask)"
         raise InvalidRequestError(
-            f"The image model '{served.name}' does not do {what}.", param="input", code="unsupported_content"
+            f"The image model '{served.name}' does not do {what}.",
+            param="input" if edit.mask is None else params[1],
+            code="unsupported_content",
         )
     value = DEFAULT_STRENGTH if strength is None else strength
-    if int(steps * value) < 1:  # diffusers runs int(steps * strength) denoising steps
+    # SD's pipelines run int(steps x strength) steps, so none below 1 (flow-matching ones round up).
+    if int(steps * value) < 1:
         raise InvalidRequestError(
             f"strength {value:g} of {steps} steps runs no denoising step: steps x strength must reach 1.",
-            param=param,
+            param=params[0],
         )
     return ImageEdit(edit.image, edit.mask, value)
 
