@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-running", dest="max_running", type=int)
     serve.add_argument("--max-queued", dest="max_queued", type=int)
     serve.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int)
+    serve.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int, help="shard the model")
     serve.add_argument("--kv-cache-memory", dest="kv_cache_memory", help="KV pool: 4GiB, 500MB, 0.8 (of free), auto")
     serve.add_argument(
         "--image-model", dest="image_models", action="append", help="a diffusers folder, PATH or ID=PATH (repeatable)"

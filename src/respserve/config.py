@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(
         default=512, ge=1, description="Prompt tokens prefilled per step, in chunks between decode steps."
     )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="Processes (GPUs) each holding 1/N of every layer of the text model."
+    )
     kv_cache_memory: str = Field(
         default="auto",
         description="KV pool size: bytes (4GiB, 500MB), a fraction of free memory (0.8), or auto.",

@@ -23,9 +23,11 @@ from respserve.api.routes import conversations, files, health, images, models, r
 from respserve.api.routes import metrics as metrics_routes
 from respserve.api.state import AppState, ServedImageModel, ServedModel
 from respserve.config import Settings
+from respserve.engine.device import pick_device
 from respserve.engine.image_pipeline import ImagePipeline
 from respserve.engine.image_worker import ImageWorker, ImageWorkerLimits
 from respserve.engine.model_source import resolve_model_source
+from respserve.engine.tensor_parallel import TensorParallelGroup, rank_device
 from respserve.engine.text_pipeline import TextPipeline
 from respserve.engine.worker import PipelineWorker, WorkerLimits
 from respserve.store import open_store
@@ -36,14 +38,21 @@ UPLOAD_FRAMING_BYTES = 64 * 1024
 
 def load_text_model(settings: Settings) -> ServedModel:
     source = resolve_model_source(settings.model, settings.cache_dir)
-    pipeline = TextPipeline.load(source, device=settings.device, dtype=settings.dtype)
+    peers, device = None, settings.device
+    if settings.tensor_parallel_size > 1:  # the peers load their shards while this process loads its own
+        rank0 = rank_device(pick_device(settings.device), 0)
+        peers = TensorParallelGroup(settings.tensor_parallel_size, source.path, rank0, settings.dtype)
+        device = str(rank0)
+    pipeline = TextPipeline.load(
+        source, device=device, dtype=settings.dtype, tensor_parallel=settings.tensor_parallel_size
+    )
     limits = WorkerLimits(
         max_running=settings.max_running,
         max_queued=settings.max_queued,
         max_prefill_tokens=settings.max_prefill_tokens,
         kv_cache_memory=settings.kv_cache_memory,
     )
-    worker = PipelineWorker(pipeline, limits)
+    worker = PipelineWorker(pipeline, limits, peers)
     worker.start()
     return ServedModel(name=settings.served_model_name or source.name, created=int(time.time()), worker=worker)
 

@@ -19,25 +19,36 @@ import torch
 from respserve.engine.block_manager import NULL_BLOCK
 
 
-def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
-    """2 (key and value) x layers x kv heads x head dim x the dtype's size."""
-    layers, kv_heads, head_dim = kv_shape(config)
+def kv_bytes_per_token(config: Any, dtype: torch.dtype, shards: int = 1) -> int:
+    """2 (key and value) x layers x kv heads x head dim x the dtype's size (one rank's share of the heads)."""
+    layers, kv_heads, head_dim = kv_shape(config, shards)
     return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def kv_shape(config: Any) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a transformers text config."""
+def kv_shape(config: Any, shards: int = 1) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a transformers text config; with tensor parallelism over `shards`
+    ranks, each holds kv heads / shards of them."""
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return int(config.num_hidden_layers), kv_heads, head_dim
+    if kv_heads % shards:
+        raise ValueError(f"{kv_heads} KV heads cannot be split over {shards} tensor-parallel ranks")
+    return int(config.num_hidden_layers), kv_heads // shards, head_dim
 
 
 class PagedKVCache:
     """The pool, shaped as transformers' attention layers expect a cache to behave (`update`)."""
 
-    def __init__(self, config: Any, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        layers, kv_heads, head_dim = kv_shape(config)
+    def __init__(
+        self,
+        config: Any,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        shards: int = 1,
+    ) -> None:
+        layers, kv_heads, head_dim = kv_shape(config, shards)
         self.num_blocks, self.block_size = num_blocks, block_size
         slots = num_blocks * block_size
         # torch.empty: memory is only touched (and counted in RSS) as blocks are first used.

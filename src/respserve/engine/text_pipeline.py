@@ -32,8 +32,9 @@ class TextPipeline:
 
     accepts_images = False
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device) -> None:
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, tensor_parallel: int = 1) -> None:
         self.model = model
+        self.tensor_parallel = tensor_parallel
         self.tokenizer = tokenizer
         self.device = device
         self.dtype: torch.dtype = model.dtype
@@ -50,13 +51,20 @@ class TextPipeline:
         self.token_texts = TokenTexts(tokenizer)
 
     @classmethod
-    def load(cls, source: ModelSource, device: str = "auto", dtype: str = "auto") -> TextPipeline:
+    def load(
+        cls, source: ModelSource, device: str = "auto", dtype: str = "auto", tensor_parallel: int = 1
+    ) -> TextPipeline:
+        """`tensor_parallel` > 1: this process is one rank of a started group (tensor_parallel.py), and
+        transformers loads its shard of every layer."""
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(source.path)
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype).to(torch_device).eval()
-        if can_pack(torch_device, torch_dtype):
+        if tensor_parallel > 1:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, tp_plan="auto").eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype).to(torch_device).eval()
+        if can_pack(torch_device, torch_dtype) and tensor_parallel == 1:  # (sharded weights stay DTensors)
             pack_linears(model)  # half the decode matmul time on the CPU (see packed_linear.py)
         logger.info(
             "loaded %s on %s (%s) in %.2f s",
@@ -65,7 +73,7 @@ class TextPipeline:
             torch_dtype,
             time.perf_counter() - started,
         )
-        return cls(model, tokenizer, torch_device)
+        return cls(model, tokenizer, torch_device, tensor_parallel)
 
     def render_prompt(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> list[int]:
         """Token ids of the chat-templated conversation, ending with the assistant's generation prompt."""

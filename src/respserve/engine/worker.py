@@ -28,6 +28,7 @@ from respserve.engine.model_runner import ModelRunner
 from respserve.engine.sampler import Sample, Sampler
 from respserve.engine.scheduler import Chunk, Scheduler
 from respserve.engine.sequence import Sequence
+from respserve.engine.tensor_parallel import TensorParallelGroup
 from respserve.engine.text_pipeline import TextPipeline
 from respserve.engine.worker_thread import WorkerThread
 
@@ -44,21 +45,32 @@ class WorkerLimits:
 
 
 class PipelineWorker(WorkerThread[GenerationRequest]):
-    def __init__(self, pipeline: TextPipeline, limits: WorkerLimits | None = None) -> None:
+    def __init__(
+        self, pipeline: TextPipeline, limits: WorkerLimits | None = None, peers: TensorParallelGroup | None = None
+    ) -> None:
         self.limits = limits or WorkerLimits()
         super().__init__("respserve-worker", self.limits.max_queued)
         self.pipeline = pipeline
         self._sampler = Sampler(pipeline.grammars)
         config, dtype, size = pipeline.model.config, pipeline.dtype, self.limits.block_size
-        block_bytes = kv_bytes_per_token(config, dtype) * size
+        shards = pipeline.tensor_parallel
+        block_bytes = kv_bytes_per_token(config, dtype, shards) * size
         num_blocks = kv_budget_bytes(self.limits.kv_cache_memory, pipeline.device) // block_bytes
-        self.kv_cache = PagedKVCache(config, num_blocks, size, dtype, pipeline.device)
-        self._runner = ModelRunner(pipeline.model, self.kv_cache, pipeline.device)
+        self.kv_cache = PagedKVCache(config, num_blocks, size, dtype, pipeline.device, shards)
+        self._peers = peers
+        if peers is not None:
+            peers.share_pool_size(num_blocks, size)
+        self._runner = ModelRunner(pipeline.model, self.kv_cache, pipeline.device, peers)
         self.scheduler = self._new_scheduler()
         # A prompt must leave room in the pool for at least one output token.
         pipeline.context_length = min(pipeline.context_length, (num_blocks - 1) * size - 1)
         logger.info("KV cache: %d blocks of %d tokens, %.2f GiB", num_blocks, size, self.kv_cache.num_bytes / 2**30)
         self.restarts = 0
+
+    def stop(self, timeout: float = 5.0) -> None:
+        super().stop(timeout)
+        if self._peers is not None:  # after the worker thread, which is the only other user of the group
+            self._peers.close()
 
     def _new_scheduler(self) -> Scheduler:
         blocks = BlockManager(self.kv_cache.num_blocks, self.kv_cache.block_size)
