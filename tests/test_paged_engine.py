@@ -125,6 +125,7 @@ class _Tokens:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
         self.num_computed = 0
+        self.hash_salt: tuple[int, int] | None = None
 
 
 def test_block_manager_shares_published_prefixes_and_evicts_the_least_recently_released() -> None:

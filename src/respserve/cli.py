@@ -28,6 +28,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-file-bytes", dest="max_file_bytes", type=int, help="largest uploaded or inline file")
     serve.add_argument("--max-file-pages", dest="max_file_pages", type=int, help="most pages of a PDF input_file")
     serve.add_argument("--max-file-chars", dest="max_file_chars", type=int, help="longest text of an input_file")
+    serve.add_argument("--max-image-pixels", dest="max_image_pixels", type=int, help="largest input image (w x h)")
+    serve.add_argument(
+        "--allow-image-urls", dest="allow_image_urls", action="store_const", const=True, help="fetch https image URLs"
+    )
+    serve.add_argument(
+        "--allow-private-image-urls",
+        dest="image_url_allow_private",
+        action="store_const",
+        const=True,
+        help="fetch image URLs from private/loopback addresses too",
+    )
+    serve.add_argument("--image-url-timeout", dest="image_url_timeout_s", type=float)
     serve.add_argument("--request-timeout", dest="request_timeout_s", type=float)
     serve.add_argument("--shutdown-grace", dest="shutdown_grace_s", type=float)
     serve.add_argument("--max-running", dest="max_running", type=int)

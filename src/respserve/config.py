@@ -108,6 +108,18 @@ class Settings(BaseSettings):
     max_file_chars: int = Field(
         default=1_000_000, ge=1, description="An input_file whose text (or a PDF's extracted text) is longer is a 400."
     )
+    max_image_pixels: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        description="A vision model's input image with more pixels (width x height, read from its header) is a 400.",
+    )
+    allow_image_urls: bool = Field(
+        default=False, description="Fetch input_image https:// URLs for vision models (public addresses only)."
+    )
+    image_url_allow_private: bool = Field(
+        default=False, description="With allow_image_urls: also fetch from private, loopback and link-local addresses."
+    )
+    image_url_timeout_s: float = Field(default=10.0, gt=0, description="Deadline of one image URL's fetch.")
     request_timeout_s: float = Field(
         default=600.0, gt=0, description="A non-streamed generation running longer is stopped (504)."
     )

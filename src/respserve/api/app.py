@@ -29,6 +29,7 @@ from respserve.engine.image_worker import ImageWorker, ImageWorkerLimits
 from respserve.engine.model_source import resolve_model_source
 from respserve.engine.tensor_parallel import TensorParallelGroup, rank_device
 from respserve.engine.text_pipeline import TextPipeline
+from respserve.engine.vision_pipeline import VisionLanguagePipeline, is_vision_model
 from respserve.engine.worker import PipelineWorker, WorkerLimits
 from respserve.store import open_store
 
@@ -43,9 +44,8 @@ def load_text_model(settings: Settings) -> ServedModel:
         rank0 = rank_device(pick_device(settings.device), 0)
         peers = TensorParallelGroup(settings.tensor_parallel_size, source.path, rank0, settings.dtype)
         device = str(rank0)
-    pipeline = TextPipeline.load(
-        source, device=device, dtype=settings.dtype, tensor_parallel=settings.tensor_parallel_size
-    )
+    kind = VisionLanguagePipeline if is_vision_model(source) else TextPipeline
+    pipeline = kind.load(source, device=device, dtype=settings.dtype, tensor_parallel=settings.tensor_parallel_size)
     limits = WorkerLimits(
         max_running=settings.max_running,
         max_queued=settings.max_queued,

@@ -8,7 +8,8 @@ from typing import Any
 
 from respserve.api import client_tools
 from respserve.api.errors import InvalidRequestError
-from respserve.engine.generation import ChatMessage, ToolCallTurn
+from respserve.api.image_inputs import ImageLimits, prompt_image
+from respserve.engine.generation import ChatMessage, PromptImage, ToolCallTurn
 from respserve.protocol.content import InputFile, InputImage, InputText, OutputText, Refusal
 from respserve.protocol.items import (
     ClientToolCallInput,
@@ -37,20 +38,22 @@ _TEMPLATE_ROLES = {"developer": "system"}
 
 
 def build_chat_messages(
-    request: CreateResponseRequest, context: list[InputItem], model: str, accepts_images: bool
+    request: CreateResponseRequest, context: list[InputItem], model: str, images: ImageLimits | None
 ) -> list[ChatMessage]:
-    """Instructions first, then the earlier items (`previous_response_id` or `conversation`), then `input`."""
+    """Instructions first, then the earlier items (`previous_response_id` or `conversation`), then `input`.
+    `images`: None for a text-only model (an image is a 400), else the bounds its images are decoded within
+    (image parts are data URLs by now: image_inputs.read_input_images). CPU work: off the event loop."""
     messages: list[ChatMessage] = []
     if request.instructions:
         messages.append(ChatMessage(role="system", content=request.instructions))
     for item in context:
-        for message in _messages(item, "input", model, accepts_images):
+        for message in _messages(item, "input", model, images):
             _append(messages, message)
     if isinstance(request.input, str):
         messages.append(ChatMessage(role="user", content=request.input))
     else:
         for index, item in enumerate(request.input):
-            for message in _messages(item, f"input[{index}]", model, accepts_images):
+            for message in _messages(item, f"input[{index}]", model, images):
                 _append(messages, message)
     if not any(message.role != "system" for message in messages):
         raise InvalidRequestError("'input' must hold at least one user or assistant message.", param="input")
@@ -66,7 +69,7 @@ def _append(messages: list[ChatMessage], message: ChatMessage) -> None:
         messages.append(message)
 
 
-def _messages(item: InputItem, param: str, model: str, accepts_images: bool) -> list[ChatMessage]:
+def _messages(item: InputItem, param: str, model: str, images: ImageLimits | None) -> list[ChatMessage]:
     if isinstance(item, _LEFT_OUT):
         return []
     if isinstance(item, McpCallInput):  # a call the server ran: the call, then what it returned
@@ -77,10 +80,10 @@ def _messages(item: InputItem, param: str, model: str, accepts_images: bool) -> 
             ChatMessage(role="assistant", content="", tool_calls=(call,)),
             ChatMessage(role="tool", content=result, tool_call_id=call.call_id),
         ]
-    return [_message(item, param, model, accepts_images)]
+    return [_message(item, param, model, images)]
 
 
-def _message(item: InputItem, param: str, model: str, accepts_images: bool) -> ChatMessage:
+def _message(item: InputItem, param: str, model: str, images: ImageLimits | None) -> ChatMessage:
     if isinstance(item, FunctionCallInput | CustomToolCallInput):
         # A custom tool is offered as a function of one string, `input`: its call is rendered so too.
         arguments = item.arguments if isinstance(item, FunctionCallInput) else json.dumps({"input": item.input})
@@ -95,24 +98,33 @@ def _message(item: InputItem, param: str, model: str, accepts_images: bool) -> C
             role="tool", content=client_tools.output_text(item), tool_call_id=client_tools.output_call_id(item)
         )
     if isinstance(item, FunctionCallOutputInput | CustomToolCallOutputInput):
-        output = item.output if isinstance(item.output, str) else _text(item.output, param, model, accepts_images)
-        return ChatMessage(role="tool", content=output, tool_call_id=item.call_id)
+        if isinstance(item.output, str):
+            return ChatMessage(role="tool", content=item.output, tool_call_id=item.call_id)
+        text, pictures = _parts(item.output, f"{param}.output", model, images)
+        return ChatMessage(role="tool", content=text, tool_call_id=item.call_id, images=pictures)
     role = _TEMPLATE_ROLES.get(item.role, item.role)
     if isinstance(item.content, str):
         return ChatMessage(role=role, content=item.content)
-    return ChatMessage(role=role, content=_text(item.content, param, model, accepts_images))
+    text, pictures = _parts(item.content, f"{param}.content", model, images)
+    return ChatMessage(role=role, content=text, images=pictures)
 
 
-def _text(content: list[Any], param: str, model: str, accepts_images: bool) -> str:
+def _parts(
+    content: list[Any], param: str, model: str, images: ImageLimits | None
+) -> tuple[str, tuple[PromptImage, ...]]:
+    """The parts' text, and their pictures when the model reads images."""
     texts = []
+    pictures: list[PromptImage] = []
     for index, part in enumerate(content):
-        part_param = f"{param}.content[{index}]"
+        part_param = f"{param}[{index}]"
         if isinstance(part, InputText | OutputText):
             texts.append(part.text)
         elif isinstance(part, Refusal):
             texts.append(part.refusal)
         elif isinstance(part, InputImage):
-            if not accepts_images:
+            if images is not None:
+                pictures.append(prompt_image(part, part_param, images))
+            else:
                 raise InvalidRequestError(
                     f"The model '{model}' is a text-only model and does not accept 'input_image' content.",
                     param=part_param,
@@ -124,4 +136,4 @@ def _text(content: list[Any], param: str, model: str, accepts_images: bool) -> s
                 param=part_param,
                 code="unsupported_content",
             )
-    return "\n".join(texts)
+    return "\n".join(texts), tuple(pictures)

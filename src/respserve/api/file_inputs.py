@@ -16,6 +16,7 @@ from typing import Any
 
 from respserve.api.errors import APIError, InvalidRequestError, NotFoundError
 from respserve.api.file_contents import FileImage, FileLimits, UnreadableFile, read_file_content
+from respserve.api.image_inputs import inline_image, read_input_images
 from respserve.api.state import AppState
 from respserve.protocol.content import InputFile, InputImage, InputText
 from respserve.protocol.items import InputItem
@@ -28,24 +29,27 @@ _SOURCES = ("file_id", "file_data", "file_url")
 async def read_input_files(
     body: CreateResponseRequest, context: list[InputItem], state: AppState, owner: str | None
 ) -> tuple[CreateResponseRequest, list[InputItem]]:
-    """The request and its stored context with every `input_file` part read (unchanged without any)."""
-    reader = _FileReader(state.store, owner, FileLimits.from_settings(state.settings))
+    """The request and its stored context with every `input_file` part read (unchanged without any), and
+    for a vision-language model every image part a data URL (image_inputs.py)."""
+    reader = _FileReader(state.store, owner, FileLimits.from_settings(state.settings), state.settings.max_image_pixels)
     try:
         read_context = [await reader.item(item, "") for item in context]
     except APIError as exc:  # a stored item has no index the caller could name: name where it came from
         exc.param = "previous_response_id" if body.previous_response_id else "conversation"
         raise
-    if isinstance(body.input, str):
-        return body, read_context
-    read_input = [await reader.item(item, f"input[{index}]") for index, item in enumerate(body.input)]
-    return body.model_copy(update={"input": read_input}), read_context
+    if not isinstance(body.input, str):
+        read_input = [await reader.item(item, f"input[{index}]") for index, item in enumerate(body.input)]
+        body = body.model_copy(update={"input": read_input})
+    # Images (sent as such, or files just read into them) made self-contained, for a vision-language model.
+    return await read_input_images(body, read_context, state, owner)
 
 
 class _FileReader:
-    def __init__(self, store: ResponseStore, owner: str | None, limits: FileLimits) -> None:
+    def __init__(self, store: ResponseStore, owner: str | None, limits: FileLimits, max_pixels: int) -> None:
         self._store = store
         self._owner = owner
         self._limits = limits
+        self._max_pixels = max_pixels
 
     async def item(self, item: InputItem, param: str) -> InputItem:
         """The item with its file parts read: a message's `content`, a tool output's `output`."""
@@ -93,8 +97,7 @@ class _FileReader:
         except UnreadableFile as exc:
             raise InvalidRequestError(f"Invalid file '{filename}': {exc.message}", param=field, code=exc.code) from exc
         if isinstance(content, FileImage):
-            encoded = base64.b64encode(content.data).decode()
-            return InputImage(image_url=f"data:{content.media_type};base64,{encoded}")
+            return await inline_image(content.data, "auto", field, self._max_pixels)
         return InputText(text=f"[{filename}]\n{content.text}")
 
     def _decoded(self, file_data: str, param: str) -> bytes:

@@ -8,6 +8,7 @@ from typing import Any
 
 from respserve.api.chat_messages import build_chat_messages
 from respserve.api.errors import InvalidRequestError, NotFoundError
+from respserve.api.image_inputs import ImageLimits
 from respserve.api.input_items import context_items
 from respserve.api.output_parsers import OutputParser, ReasoningParser
 from respserve.api.state import AppState, ServedModel
@@ -15,6 +16,7 @@ from respserve.api.tool_calling import ToolPlan, plan_tools
 from respserve.engine.generation import ChatMessage, GenerationRequest, SamplingParams, ToolSpec
 from respserve.engine.structured_output import GrammarCompiler, InvalidGrammar
 from respserve.engine.text_pipeline import ContextLengthExceeded, TextPipeline
+from respserve.engine.vision import VisionInputs
 from respserve.protocol.ids import new_id
 from respserve.protocol.items import InputItem
 from respserve.protocol.request import CreateResponseRequest
@@ -49,11 +51,13 @@ async def plan_generation(
     mcp_tools: dict[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[GenerationRequest, ToolPlan]:
     pipeline = served.worker.pipeline
-    messages = build_chat_messages(body, context, served.name, pipeline.accepts_images)
+    images = ImageLimits.from_settings(state.settings) if pipeline.accepts_images else None
+    # Decoding images is CPU work: off the event loop, as rendering is.
+    messages = await asyncio.to_thread(build_chat_messages, body, context, served.name, images)
     # Compiling schemas (and, the first time, the grammar tokenizer) is CPU work: off the event loop.
     plan = await asyncio.to_thread(plan_tools, body, pipeline.grammars, state.settings.tool_parser, mcp_tools)
     grammar = plan.grammar or await asyncio.to_thread(_grammar, body, pipeline.grammars)
-    prompt = await asyncio.to_thread(_render, pipeline, messages, plan.tools, body.truncation == "auto")
+    prompt, vision = await asyncio.to_thread(_render, pipeline, messages, plan.tools, body.truncation == "auto")
     room = pipeline.context_length - len(prompt)
     # The server's cap applies to every request, whatever it asks for.
     max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, state.settings.max_output_tokens, room)
@@ -70,16 +74,19 @@ async def plan_generation(
         logprobs=(body.top_logprobs or 0) if LOGPROBS_INCLUDE in (body.include or []) else None,
         grammar=grammar,
     )
-    return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling), plan
+    return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling, vision=vision), plan
 
 
-def _render(pipeline: TextPipeline, messages: list[ChatMessage], tools: list[ToolSpec], truncate: bool) -> list[int]:
-    """The prompt's tokens. With `truncation: "auto"`, while it does not fit the context, the oldest turn
-    that is not a system turn is dropped (with the tool results answering it), as OpenAI describes; the
-    instructions and system/developer turns always stay, and so does the last turn."""
+def _render(
+    pipeline: TextPipeline, messages: list[ChatMessage], tools: list[ToolSpec], truncate: bool
+) -> tuple[list[int], VisionInputs | None]:
+    """The prompt's tokens (and its images' tensors, for a vision-language model). With `truncation:
+    "auto"`, while it does not fit the context, the oldest turn that is not a system turn is dropped (with
+    the tool results answering it), as OpenAI describes; the instructions and system/developer turns always
+    stay, and so does the last turn."""
     while True:
         try:
-            return pipeline.render_prompt(messages, tools)
+            return pipeline.render(messages, tools)
         except ContextLengthExceeded as exc:
             dropped = _without_oldest_turn(messages) if truncate else None
             if dropped is None:

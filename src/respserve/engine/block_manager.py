@@ -5,8 +5,10 @@ its i-th entry holds the KV of tokens [i * block_size, (i + 1) * block_size). On
 contents depend only on its tokens and everything before them, so it is published under a hash of both
 (the previous block's hash and its own tokens). A later sequence whose tokens start the same way shares
 those blocks instead of computing them: a `previous_response_id` chain, a conversation, or a client that
-resends the same long instructions every turn. A published block that no sequence holds any more stays
-cached until its slot is needed, the least recently released first.
+resends the same long instructions every turn. A prompt with images also mixes a hash of its pixels
+(`hash_salt`) into the hash of the block holding its first image token: images of one size expand to the
+same placeholder tokens, and two different pictures must not share KV. A published block that no sequence
+holds any more stays cached until its slot is needed, the least recently released first.
 
 Block 0 is never handed out: it stays zeros, and attention pads its reads with it, so padding never feeds
 NaN from uninitialised memory into a masked product.
@@ -29,6 +31,7 @@ class BlockOwner(Protocol):
     block_table: list[int]
     block_hashes: list[int]  # the hash of each published (full, computed) block, in table order
     num_computed: int  # tokens whose KV is in the pool
+    hash_salt: tuple[int, int] | None  # (the first image token's position, a hash of the images), or None
 
 
 @dataclass
@@ -65,7 +68,7 @@ class BlockManager:
         """Gives `seq` blocks for all its tokens, reusing the longest cached prefix; False (and nothing
         taken) when the pool cannot hold it now. The last token is always left to compute, since its
         logits are what the sequence needs next."""
-        hits = self._cached_prefix(seq.token_ids)
+        hits = self._cached_prefix(seq)
         fresh = self.blocks_for(len(seq.token_ids)) - len(hits)
         reclaimed_idle = sum(1 for block_id, _ in hits if block_id in self._idle)
         if fresh > self.num_available - reclaimed_idle:
@@ -109,7 +112,7 @@ class BlockManager:
             index = len(seq.block_hashes)
             tokens = tuple(seq.token_ids[index * size : (index + 1) * size])
             parent = seq.block_hashes[-1] if seq.block_hashes else _ROOT_HASH
-            block_hash = hash((parent, tokens))
+            block_hash = self._hash(parent, tokens, index, seq.hash_salt)
             block_id = seq.block_table[index]
             block = self._blocks[block_id]
             # Two sequences can compute the same block in one step; the first one published wins.
@@ -121,14 +124,19 @@ class BlockManager:
     def slot(self, seq: BlockOwner, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def _cached_prefix(self, token_ids: list[int]) -> list[tuple[int, int]]:
-        """(block id, hash) of the cached blocks that `token_ids` starts with, all but its last token."""
-        size = self.block_size
+    def _hash(self, parent: int, tokens: tuple[int, ...], index: int, salt: tuple[int, int] | None) -> int:
+        if salt is not None and index == salt[0] // self.block_size:  # later blocks inherit it through `parent`
+            parent = hash((parent, salt[1]))
+        return hash((parent, tokens))
+
+    def _cached_prefix(self, seq: BlockOwner) -> list[tuple[int, int]]:
+        """(block id, hash) of the cached blocks that `seq`'s tokens start with, all but its last token."""
+        size, token_ids = self.block_size, seq.token_ids
         hits: list[tuple[int, int]] = []
         parent = _ROOT_HASH
         for index in range((len(token_ids) - 1) // size):
             tokens = tuple(token_ids[index * size : (index + 1) * size])
-            block_hash = hash((parent, tokens))
+            block_hash = self._hash(parent, tokens, index, seq.hash_salt)
             block_id = self._by_hash.get(block_hash)
             if block_id is None or self._blocks[block_id].token_ids != tokens:
                 break

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from PIL import Image
 
+    from respserve.engine.vision import VisionInputs
+
 
 @dataclass(frozen=True)
 class ToolCallTurn:
@@ -20,14 +22,24 @@ class ToolCallTurn:
     arguments: str  # JSON
 
 
+@dataclass(frozen=True, eq=False)
+class PromptImage:
+    """A picture in a turn (decoded, RGB), for a vision-language model, with the `detail` asked for."""
+
+    image: Image.Image
+    detail: str = "auto"
+
+
 @dataclass(frozen=True)
 class ChatMessage:
-    """One turn of the conversation, as the chat template sees it (role `tool` answers a call)."""
+    """One turn of the conversation, as the chat template sees it (role `tool` answers a call). A turn's
+    images come before its text."""
 
     role: str
     content: str
     tool_calls: tuple[ToolCallTurn, ...] = ()
     tool_call_id: str | None = None
+    images: tuple[PromptImage, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,7 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    vision: VisionInputs | None = None  # the prompt's images, for a vision-language model
 
 
 ImageFormat = Literal["png", "jpeg", "webp"]

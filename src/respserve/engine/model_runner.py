@@ -2,6 +2,10 @@
 
 The model is transformers' own; only its attention is ours (paged_attention.py), selected by name, and
 its cache is the pool (kv_cache.py). Logits are computed only for the chunks that sample.
+
+A step in which some chunk covers image placeholders (a vision-language prompt, vision.py) runs on input
+embeddings instead of ids: the tokens' embeddings, with the image rows overwritten by the features the
+vision encoder made at admission. Steps without images take the ids path unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class StepInputs:
     block_tables: list[list[int]]
     spans: list[tuple[int, int]]  # each sequence's positions [start, end) computed in this step
     sampled_rows: list[int]  # flat indices whose logits are wanted
+    image_rows: torch.Tensor | None = None  # [n] flat indices whose embeddings are image features
+    image_features: torch.Tensor | None = None  # [n, hidden]
 
     @classmethod
     def of(cls, chunks: list[Chunk]) -> StepInputs:
@@ -37,7 +43,9 @@ class StepInputs:
             if chunk.samples:
                 sampled_rows.append(len(input_ids) - 1)
         tables = [chunk.sequence.block_table for chunk in chunks]
-        return cls(input_ids, positions, tables, [(chunk.start, chunk.end) for chunk in chunks], sampled_rows)
+        spans = [(chunk.start, chunk.end) for chunk in chunks]
+        rows, features = _image_rows(chunks)
+        return cls(input_ids, positions, tables, spans, sampled_rows, rows, features)
 
 
 class ModelRunner:
@@ -46,7 +54,8 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.peers = peers  # tensor-parallel processes that run every step beside this one
-        model.set_attn_implementation(ATTENTION_NAME)
+        # A vision-language model's vision tower keeps its own attention: it runs outside the paged steps.
+        model.set_attn_implementation({"text_config": ATTENTION_NAME} if model.config.sub_configs else ATTENTION_NAME)
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Computes the chunks' KV; returns logits [sampling chunks, vocab], in chunk order."""
@@ -58,8 +67,14 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
         layout = build_step_layout(step.block_tables, step.spans, self.cache.block_size, self.device)
+        input_ids = torch.tensor([step.input_ids], device=self.device)
+        tokens: dict[str, torch.Tensor] = {"input_ids": input_ids}
+        if step.image_rows is not None and step.image_features is not None:
+            embeds = self.model.get_input_embeddings()(input_ids)
+            embeds[0, step.image_rows.to(self.device)] = step.image_features.to(embeds.dtype)
+            tokens = {"inputs_embeds": embeds}
         out = self.model(
-            input_ids=torch.tensor([step.input_ids], device=self.device),
+            **tokens,
             position_ids=torch.tensor([step.positions], device=self.device),
             cache=self.cache,
             use_cache=True,
@@ -67,6 +82,23 @@ class ModelRunner:
             paged_step=layout,
         )
         return out.logits[0]
+
+
+def _image_rows(chunks: list[Chunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The flat rows of the step that hold image placeholders, and their features; (None, None) if none."""
+    rows: list[torch.Tensor] = []
+    features: list[torch.Tensor] = []
+    flat = 0
+    for chunk in chunks:
+        images = chunk.sequence.images
+        if images is not None:
+            offsets, chunk_features = images.rows(chunk.start, chunk.end)
+            rows.append(offsets + flat)
+            features.append(chunk_features)
+        flat += chunk.end - chunk.start
+    if not rows or not sum(len(offsets) for offsets in rows):
+        return None, None
+    return torch.cat(rows), torch.cat(features)
 
 
 class StepSender(Protocol):

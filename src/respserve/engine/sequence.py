@@ -19,6 +19,7 @@ from respserve.engine.sampler import RowLogprobs, SamplingRow
 from respserve.engine.stop_strings import StopStringMatcher
 from respserve.engine.structured_output import GrammarCompiler
 from respserve.engine.token_text import TokenTexts
+from respserve.engine.vision import ImageEmbeddings
 
 
 class Sequence:
@@ -39,6 +40,9 @@ class Sequence:
         self.block_hashes: list[int] = []
         self.num_computed = 0
         self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        vision = request.vision
+        self.hash_salt = None if vision is None else (vision.first_image_token, vision.hash_salt)
+        self.images: ImageEmbeddings | None = None  # set at admission (worker.py), kept while it lives
         self.started = False  # admitted once (it no longer counts as queued, even if preempted later)
         self.status = GenerationStatus.ACTIVE
         self.cancelled = False

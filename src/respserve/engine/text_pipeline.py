@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,6 +16,9 @@ from respserve.engine.packed_linear import can_pack, pack_linears
 from respserve.engine.structured_output import GrammarCompiler
 from respserve.engine.token_text import TokenTexts
 from respserve.engine.tool_prompt import fallback_turns, native_tools, native_turn, template_knows_tools
+
+if TYPE_CHECKING:
+    from respserve.engine.vision import VisionInputs
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class TextPipeline:
         self.tokenizer = tokenizer
         self.device = device
         self.dtype: torch.dtype = model.dtype
-        config = model.config
+        config = model.config.get_text_config()  # a vision-language model's language half
         self.vocab_size: int = int(config.vocab_size)
         self.context_length: int = int(getattr(config, "max_position_embeddings", 0) or 2048)
         self.num_layers: int = int(config.num_hidden_layers)
@@ -74,6 +77,12 @@ class TextPipeline:
             time.perf_counter() - started,
         )
         return cls(model, tokenizer, torch_device, tensor_parallel)
+
+    def render(
+        self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None
+    ) -> tuple[list[int], VisionInputs | None]:
+        """The prompt's token ids, and what its images became (never any here: a text model refuses them)."""
+        return self.render_prompt(messages, tools), None
 
     def render_prompt(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> list[int]:
         """Token ids of the chat-templated conversation, ending with the assistant's generation prompt."""

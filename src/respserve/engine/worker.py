@@ -30,6 +30,7 @@ from respserve.engine.scheduler import Chunk, Scheduler
 from respserve.engine.sequence import Sequence
 from respserve.engine.tensor_parallel import TensorParallelGroup
 from respserve.engine.text_pipeline import TextPipeline
+from respserve.engine.vision import encode_images
 from respserve.engine.worker_thread import WorkerThread
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
         super().__init__("respserve-worker", self.limits.max_queued)
         self.pipeline = pipeline
         self._sampler = Sampler(pipeline.grammars)
-        config, dtype, size = pipeline.model.config, pipeline.dtype, self.limits.block_size
+        config, dtype, size = pipeline.model.config.get_text_config(), pipeline.dtype, self.limits.block_size
         shards = pipeline.tensor_parallel
         block_bytes = kv_bytes_per_token(config, dtype, shards) * size
         num_blocks = kv_budget_bytes(self.limits.kv_cache_memory, pipeline.device) // block_bytes
@@ -124,13 +125,15 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
         self.restarts += 1
 
     def _receive(self, block: bool) -> None:
-        """Turns arrivals into sequences (a bad grammar fails only its own request) and queues them."""
+        """Turns arrivals into sequences (a bad grammar or image fails only its own request) and queues them."""
         pipeline = self.pipeline
         for request in self._queue.receive(block):
             try:
                 sequence = Sequence(
                     request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts
                 )
+                if request.vision is not None:  # once per request; prefill chunks take their rows from it
+                    sequence.images = encode_images(pipeline.model, request.vision, request.prompt_token_ids)
             except Exception as exc:
                 logger.exception("request %s could not start", request.request_id)
                 self._queue.left(1)

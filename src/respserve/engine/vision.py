@@ -1,0 +1,81 @@
+"""Images in a text request: what the processor made of them, and their embeddings, computed once.
+
+The processor (vision_pipeline.py) expands each image into placeholder tokens in the prompt and turns the
+pictures into pixel tensors (`VisionInputs`, on the `GenerationRequest`). When the worker admits the
+request it runs the vision encoder and projector once (`encode_images`); the sequence keeps the result
+(`ImageEmbeddings`: one row per placeholder token, in prompt order) for as long as it lives, so prefill
+chunks, and a recompute after preemption, take their image rows from it rather than from the encoder.
+
+Placeholder tokens are the same for every picture of a size, so the prefix cache cannot tell two images
+apart by tokens: `hash_salt` (a hash of the pixel tensors) is mixed into the block hashes from the block
+holding the first placeholder on (block_manager.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class VisionInputs:
+    """The processor's image tensors for one prompt (pixel values, and whatever else its model takes)."""
+
+    tensors: dict[str, torch.Tensor]
+    image_token_id: int
+    first_image_token: int  # the prompt position of the first placeholder token
+    num_image_tokens: int
+    hash_salt: int
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor], prompt: list[int], image_token_id: int) -> VisionInputs:
+        positions = [index for index, token in enumerate(prompt) if token == image_token_id]
+        if not positions:
+            raise ValueError("the processor put no image token in the prompt")
+        return cls(tensors, image_token_id, positions[0], len(positions), _tensor_hash(tensors))
+
+
+@dataclass(frozen=True, eq=False)
+class ImageEmbeddings:
+    """One embedding row per placeholder token; `positions` are those tokens' places in the prompt."""
+
+    positions: torch.Tensor  # [n] long, ascending, on the CPU
+    features: torch.Tensor  # [n, hidden], on the model's device
+
+    def rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offsets into [start, end), feature rows) of the placeholders in that span of the prompt."""
+        first = int(torch.searchsorted(self.positions, start))
+        last = int(torch.searchsorted(self.positions, end))
+        return self.positions[first:last] - start, self.features[first:last]
+
+
+def encode_images(model: Any, vision: VisionInputs, prompt: list[int]) -> ImageEmbeddings:
+    """Runs the vision tower and projector over the request's images (the worker thread, at admission)."""
+    device, dtype = model.device, model.dtype
+    tensors = {
+        name: tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
+        for name, tensor in vision.tensors.items()
+    }
+    with torch.inference_mode():
+        output = model.get_image_features(**tensors, return_dict=True)
+    pooled = output.pooler_output
+    features = torch.cat(list(pooled), dim=0) if isinstance(pooled, list | tuple) else pooled
+    features = features.reshape(-1, features.shape[-1]).to(dtype)
+    positions = torch.tensor([i for i, token in enumerate(prompt) if token == vision.image_token_id], dtype=torch.long)
+    if features.shape[0] != positions.shape[0]:
+        raise ValueError(f"the vision encoder made {features.shape[0]} rows for {positions.shape[0]} image tokens")
+    return ImageEmbeddings(positions, features)
+
+
+def _tensor_hash(tensors: dict[str, torch.Tensor]) -> int:
+    """A hash of the pixels as the model sees them (after resizing, so `detail` counts too)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return int.from_bytes(digest.digest(), "little", signed=True)

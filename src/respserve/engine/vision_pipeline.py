@@ -1,0 +1,136 @@
+"""A vision-language model on its device: an image-text-to-text folder (AutoModelForImageTextToText and its
+AutoProcessor: LLaVA, SmolVLM/Idefics3, ...) served by the same paged engine as text models.
+
+Only the language model's attention is the engine's; the vision tower keeps its own, since it runs once
+per request over the pictures (vision.py), outside the paged steps. Prompts are rendered by the
+processor's chat template, each turn's images before its text, then tokenized by the processor, which
+expands every image into the placeholder tokens its model fills with image features.
+
+Models that place tokens on 3-D (M-RoPE) positions, Qwen2-VL and its kin, are refused at load: the engine
+gives every token one position, its index in the sequence, while theirs depend on where the token sits in
+its image's grid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+from respserve.engine.device import pick_device, pick_dtype
+from respserve.engine.generation import ChatMessage, PromptImage, ToolSpec
+from respserve.engine.model_source import ModelSource, ModelSourceError
+from respserve.engine.packed_linear import PackedLinear, can_pack, pack_linears
+from respserve.engine.text_pipeline import ContextLengthExceeded, TextPipeline
+from respserve.engine.tool_prompt import fallback_turns, native_tools, native_turn, template_knows_tools
+from respserve.engine.vision import VisionInputs
+
+logger = logging.getLogger(__name__)
+
+# Text models that are also listed as image-text-to-text (a config of either kind loads as text then).
+_MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "glm4v", "glm4v_moe")
+
+
+def is_vision_model(source: ModelSource) -> bool:
+    """Whether `source` is an image-text-to-text model with an image processor beside it."""
+    folder = Path(source.path)
+    if not (folder / "config.json").is_file():
+        return False
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    has_processor = (folder / "preprocessor_config.json").is_file() or (folder / "processor_config.json").is_file()
+    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and has_processor
+
+
+def _refuse_mrope(config: Any) -> None:
+    text = json.dumps(config.to_dict(), default=str)
+    if config.model_type in _MROPE_MODEL_TYPES or "mrope" in text:
+        raise ModelSourceError(
+            f"{config.model_type} places tokens on 3-D (M-RoPE) positions, which the paged engine does not "
+            "support (it gives each token its index in the sequence); serve a LLaVA or SmolVLM/Idefics3-style model"
+        )
+
+
+class VisionLanguagePipeline(TextPipeline):
+    """A TextPipeline whose prompts may hold images; `processor` renders and tokenizes them."""
+
+    accepts_images = True
+
+    def __init__(self, model: Any, processor: Any, device: torch.device) -> None:
+        super().__init__(model, processor.tokenizer, device)
+        self.processor = processor
+        self.image_token_id = int(model.config.image_token_id)
+        # SmolVLM/Idefics3 tile large images (more tokens); `detail: "low"` turns that off.
+        self.splits_images = getattr(processor.image_processor, "do_image_splitting", None) is not None
+
+    @classmethod
+    def load(
+        cls, source: ModelSource, device: str = "auto", dtype: str = "auto", tensor_parallel: int = 1
+    ) -> VisionLanguagePipeline:
+        if tensor_parallel > 1:
+            raise ModelSourceError("vision-language models are served on one device (no tensor parallelism)")
+        _refuse_mrope(AutoConfig.from_pretrained(source.path))
+        torch_device = pick_device(device)
+        torch_dtype = pick_dtype(dtype, torch_device)
+        started = time.perf_counter()
+        processor = AutoProcessor.from_pretrained(source.path)
+        model = AutoModelForImageTextToText.from_pretrained(source.path, dtype=torch_dtype).to(torch_device).eval()
+        if can_pack(torch_device, torch_dtype):  # the decode path only: the vision tower runs once a request
+            pack_linears(model.get_decoder())
+            model.lm_head = PackedLinear(model.get_output_embeddings())
+        seconds = time.perf_counter() - started
+        logger.info("loaded %s (vision) on %s (%s) in %.2f s", source.name, torch_device, torch_dtype, seconds)
+        return cls(model, processor, torch_device)
+
+    def render(
+        self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None
+    ) -> tuple[list[int], VisionInputs | None]:
+        tools = tools or []
+        template = self.processor.chat_template or self.tokenizer.chat_template
+        native = template_knows_tools(template)
+        turns: list[dict[str, Any]] = (
+            [native_turn(message) for message in messages] if native else list(fallback_turns(messages, tools))
+        )
+        # The fallback may put a system turn first; otherwise turns and messages correspond one to one.
+        offset = len(turns) - len(messages)
+        images: list[PromptImage] = []
+        for message, turn in zip(messages, turns[offset:], strict=True):
+            images.extend(message.images)
+            parts = [{"type": "image"} for _ in message.images]
+            turn["content"] = [*parts, {"type": "text", "text": turn["content"] or ""}]
+        for turn in turns[:offset]:
+            turn["content"] = [{"type": "text", "text": turn["content"]}]
+        text = self.processor.apply_chat_template(
+            turns, tools=native_tools(tools) or None if native else None, add_generation_prompt=True, tokenize=False
+        )
+        if not images:
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            vision = None
+        else:
+            ids, vision = self._with_images(text, images)
+        if len(ids) >= self.context_length:
+            raise ContextLengthExceeded(len(ids), self.context_length)
+        return ids, vision
+
+    def render_prompt(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> list[int]:
+        return self.render(messages, tools)[0]
+
+    def _with_images(self, text: str, images: list[PromptImage]) -> tuple[list[int], VisionInputs]:
+        options: dict[str, Any] = {}
+        if self.splits_images and all(image.detail == "low" for image in images):
+            options["do_image_splitting"] = False
+        encoded = self.processor(
+            text=[text],
+            images=[[image.image for image in images]],
+            return_tensors="pt",
+            add_special_tokens=False,
+            **options,
+        )
+        ids = encoded["input_ids"][0].tolist()
+        tensors = {name: value for name, value in encoded.items() if name not in ("input_ids", "attention_mask")}
+        return ids, VisionInputs.of(tensors, ids, self.image_token_id)
