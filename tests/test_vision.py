@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import json
 import struct
 import zlib
@@ -28,6 +29,7 @@ from conftest import OpenResponsesSchema, RunningServer, free_port, parse_sse, s
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer
 
+from respserve.api.image_urls import _is_public
 from respserve.config import load_settings
 from respserve.engine.model_source import ModelSource, ModelSourceError
 from respserve.engine.vision_pipeline import VisionLanguagePipeline
@@ -129,6 +131,8 @@ def vlm(
         port=free_port(),
         data_dir=str(tmp_path_factory.mktemp(f"data-{request.param}")),
         model=str(folder),
+        device="cpu",  # float32 on the CPU: the logprobs test compares with transformers' own forward there
+        dtype="float32",
         kv_cache_memory="64MiB",
         allow_image_urls=True,
         max_image_pixels=4_000_000,
@@ -330,6 +334,7 @@ def test_hostile_images_are_400s_naming_the_field(
         "truncated jpeg": (data_url(jpeg[: len(jpeg) // 2], "image/jpeg"), "invalid_image"),
         "not an image": (data_url(b"just some text, not pixels"), "invalid_image"),
         "loopback url": ("https://127.0.0.1/cat.png", "image_url_forbidden"),
+        "loopback by name": ("https://localhost:8443/cat.png", "image_url_forbidden"),  # checked after DNS
         "plain http": ("http://example.com/cat.png", "invalid_image_url"),
     }
     for name, (url, code) in hostile.items():
@@ -359,6 +364,26 @@ def test_image_urls_are_refused_unless_allowed(vlm: RunningServer, http: httpx.C
         settings.allow_image_urls = settings_before
     assert answer.status_code == 400
     assert answer.json()["error"]["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("192.168.0.7", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("::1", False),
+        ("fe80::1", False),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
+        ("224.0.0.1", False),
+    ],
+)
+def test_only_public_addresses_are_fetched(address: str, public: bool) -> None:
+    assert _is_public(ipaddress.ip_address(address)) is public
 
 
 def test_mrope_models_are_refused_at_load(tmp_path: Path) -> None:
