@@ -52,7 +52,7 @@ async def stream(client: httpx.AsyncClient, body: dict, gaps: list[float] | None
                 elif gaps is not None and last is not None:
                     gaps.append(now - last)
                 last = now
-            elif event["type"] == "response.completed":
+            elif event["type"] in ("response.completed", "response.incomplete"):  # incomplete: max tokens
                 completed = event["response"]
     return {"ttft": ttft, "id": completed.get("id"), "usage": completed.get("usage", {})}
 
