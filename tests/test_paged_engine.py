@@ -17,6 +17,7 @@ from conftest import RunningServer, free_port, never_ends, start_server, stop_se
 
 from respserve.config import load_settings
 from respserve.engine.block_manager import BlockManager
+from respserve.engine.cpu_threads import SMALL_STEP_ROWS, CpuThreads
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes
 from respserve.engine.model_runner import ModelRunner
@@ -115,6 +116,19 @@ def test_the_prefill_budget_keeps_a_mixed_step_within_its_slowdown_of_a_decode_s
     assert 0.050 + fits * 0.004 <= SLOWDOWN * 0.050
     budget.observe(decode_rows=8, prefill_tokens=10, seconds=100.0)  # one very slow step: never below 16
     assert budget.tokens(decoding=True) == 16
+
+
+def test_small_steps_leave_a_core_to_the_rest_of_the_server() -> None:
+    cores = torch.get_num_threads()
+    threads = CpuThreads(torch.device("cpu"))
+    try:
+        threads.for_step(SMALL_STEP_ROWS)
+        assert torch.get_num_threads() == (cores - 1 if 2 <= cores <= 4 else cores)
+        threads.for_step(SMALL_STEP_ROWS + 1)
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(cores)
+    assert not CpuThreads(torch.device("cuda")).enabled
 
 
 class _Tokens:

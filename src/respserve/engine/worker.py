@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from respserve.engine.block_manager import BlockManager
+from respserve.engine.cpu_threads import CpuThreads
 from respserve.engine.generation import GenerationOutput, GenerationRequest, GenerationStatus
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes, kv_bytes_per_token
 from respserve.engine.model_runner import ModelRunner
@@ -62,6 +63,7 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
         if peers is not None:
             peers.share_pool_size(num_blocks, size)
         self._runner = ModelRunner(pipeline.model, self.kv_cache, pipeline.device, peers)
+        self._threads = CpuThreads(pipeline.device, spare_a_core=peers is None)
         self.scheduler = self._new_scheduler()
         # A prompt must leave room in the pool for at least one output token.
         pipeline.context_length = min(pipeline.context_length, (num_blocks - 1) * size - 1)
@@ -144,6 +146,7 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
     def _run_step(self, chunks: list[Chunk]) -> None:
         self._started(chunk.sequence for chunk in chunks)
         sampling = [chunk.sequence for chunk in chunks if chunk.samples]
+        self._threads.for_step(sum(chunk.end - chunk.start for chunk in chunks))
         started = time.perf_counter()
         try:
             logits = self._runner.run(chunks)
