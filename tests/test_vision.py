@@ -1,11 +1,14 @@
-"""Vision-language models: tiny random LLaVA and SmolVLM/Idefics3 models (SmolLM2's tokenizer, 32x32
-vision towers) built here, served through the real `--model` path, asked about images the tests draw.
+"""Vision-language models: tiny random LLaVA, SmolVLM/Idefics3, Qwen2-VL and Qwen2.5-VL models (SmolLM2's
+tokenizer, one- or two-layer vision towers) built here, served through the real `--model` path, asked about
+images the tests draw.
 
 What is checked is what a user sees of the protocol: token counts (`usage.input_tokens` holds the tokens
 the processor expands each image into), prefix-cache hits (`cached_tokens`: two pictures behind the same
 placeholders share nothing past the text before them), schema-valid bodies and events, and 400s naming the
-field for hostile images. The logprobs check ties the engine's paged, embeddings-fed forward pass to
-transformers' own forward with pixel values: the features reach the model where the processor put them.
+field for hostile images. The logprobs check ties the engine's paged, embeddings-fed forward pass, over a
+prefill cut into chunks and then decode steps, to transformers' own forward with pixel values: the features
+reach the model where the processor put them, and Qwen2-VL's tokens sit on its 3-D (M-RoPE) positions. The
+engine's own loop over a pool too small for its image prompts checks the same after preemption.
 """
 
 from __future__ import annotations
@@ -27,12 +30,20 @@ import pytest
 import torch
 from conftest import OpenResponsesSchema, RunningServer, free_port, parse_sse, sdk_client, start_server, stop_server
 from PIL import Image
-from transformers import AutoProcessor, AutoTokenizer
+from transformers import AutoTokenizer
 
 from respserve.api.image_urls import _is_public
 from respserve.config import load_settings
+from respserve.engine.block_manager import BlockManager
+from respserve.engine.generation import ChatMessage, GenerationRequest, PromptImage, SamplingParams
+from respserve.engine.kv_cache import PagedKVCache
+from respserve.engine.model_runner import ModelRunner
 from respserve.engine.model_source import ModelSource, ModelSourceError
-from respserve.engine.vision_pipeline import VisionLanguagePipeline
+from respserve.engine.prefill_budget import PrefillBudget
+from respserve.engine.scheduler import Scheduler
+from respserve.engine.sequence import Sequence
+from respserve.engine.vision import encode_images, rope_positions
+from respserve.engine.vision_pipeline import VisionLanguagePipeline, load_processor, processor_class
 
 # Renders each part in order, as SmolVLM's own template does.
 TEMPLATE = (
@@ -40,6 +51,8 @@ TEMPLATE = (
     "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen2-VL's template puts each image's placeholder between its vision start and end tokens.
+QWEN_TEMPLATE = TEMPLATE.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
 BLOCK = 16  # the engine's KV block size
 QUESTION = "What is in the picture?"
 DONE = ("completed", "incomplete")  # a random model ends by itself or at max_output_tokens
@@ -118,7 +131,71 @@ def build_idefics3(tokenizer_path: str, folder: Path) -> Path:
     return folder
 
 
-BUILDERS = {"llava": build_llava, "idefics3": build_idefics3}
+def build_qwen2_vl(tokenizer_path: str, folder: Path) -> Path:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    classes = (Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+    vision = {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2}
+    return _build_qwen(tokenizer_path, folder, classes, vision)
+
+
+def build_qwen2_5_vl(tokenizer_path: str, folder: Path) -> Path:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    classes = (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+    # Two blocks: the first attends within 16x16-pixel windows (2x2 tokens), the second over the whole picture.
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "num_heads": 2}
+    return _build_qwen(tokenizer_path, folder, classes, {**vision, "window_size": 16, "fullatt_block_indexes": [1]})
+
+
+def _build_qwen(tokenizer_path: str, folder: Path, classes: tuple[Any, Any], vision: dict[str, Any]) -> Path:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    config_class, model_class = classes
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    added = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": added})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in added}
+    # 4x4 patches merged 2x2: one token per 8x8 pixels, so a 48x40 picture is a grid of 5 rows of 6 tokens.
+    images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, min_pixels=16 * 16, max_pixels=128 * 128)
+    # The model's processor as respserve loads it (without its video half where torchvision is missing).
+    processors = processor_class(config_class.model_type)
+    assert processors is not None
+    processor = processors(image_processor=images, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        # head_dim 16: 8 rotary frequencies, split over (temporal, height, width).
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = config_class(
+        text_config=text,
+        vision_config={**vision, "patch_size": 4, "spatial_merge_size": 2},
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+BUILDERS = {
+    "llava": build_llava,
+    "idefics3": build_idefics3,
+    "qwen2_vl": build_qwen2_vl,
+    "qwen2_5_vl": build_qwen2_5_vl,
+}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -183,12 +260,16 @@ def ask(http: httpx.Client, schema: OpenResponsesSchema | None, content: Any, **
 
 
 def expansion(vlm: RunningServer, data: bytes, **options: Any) -> int:
-    """How many tokens the processor makes of one image (its placeholder's expansion)."""
-    processor = AutoProcessor.from_pretrained(vlm.state.settings.model)
-    token = processor.image_token if hasattr(processor, "image_token") else "<image>"
+    """How many tokens one image adds to a turn (its markup in the template, expanded by the processor)."""
+    processor = load_processor(vlm.state.settings.model)
     image = Image.open(io.BytesIO(data)).convert("RGB")
-    ids = processor(text=[token], images=[[image]], add_special_tokens=False, **options)["input_ids"][0]
-    return len(ids)
+
+    def tokens(parts: list[dict[str, str]], images: Any) -> int:
+        text = processor.apply_chat_template([{"role": "user", "content": parts}], tokenize=False)
+        return len(processor(text=[text], images=images, add_special_tokens=False, **options)["input_ids"][0])
+
+    text = {"type": "text", "text": QUESTION}
+    return tokens([{"type": "image"}, text], [[image]]) - tokens([text], None)
 
 
 def test_image_tokens_are_in_the_prompt_from_data_urls_files_and_tool_outputs(
@@ -224,7 +305,7 @@ def test_image_tokens_are_in_the_prompt_from_data_urls_files_and_tool_outputs(
 
 def test_different_images_share_only_the_text_before_them(vlm: RunningServer, http: httpx.Client) -> None:
     instructions = "You describe pictures for a museum catalogue, briefly and precisely. " * 3
-    processor = AutoProcessor.from_pretrained(vlm.state.settings.model)
+    processor = load_processor(vlm.state.settings.model)
     turn = [{"role": "system", "content": instructions}, {"role": "user", "content": [{"type": "image"}]}]
     text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
     ids = processor(text=[text], images=[[Image.open(io.BytesIO(RED))]], add_special_tokens=False)["input_ids"][0]
@@ -289,28 +370,126 @@ def test_logprobs_match_transformers_forward_with_pixels(vlm: RunningServer, htt
     from transformers import AutoModelForImageTextToText
 
     folder = vlm.state.settings.model
-    processor = AutoProcessor.from_pretrained(folder)
+    processor = load_processor(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    question = "Describe the picture for a museum catalogue, then say which colour fills most of it."
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
 
-    def reference(data: bytes) -> list[float]:
-        inputs = processor(text=[text], images=[[Image.open(io.BytesIO(data))]], return_tensors="pt")
-        with torch.no_grad():
-            logits = model(**inputs).logits[0, -1]
-        return torch.log_softmax(logits.float(), -1).topk(5).values.tolist()
+    def reference(data: bytes, steps: int) -> list[list[float]]:
+        """Greedy decoding by whole forward passes (no cache): the top 5 logprobs before each new token."""
+        inputs = dict(processor(text=[text], images=[[Image.open(io.BytesIO(data))]], return_tensors="pt"))
+        tops = []
+        for _ in range(steps):
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
+            tops.append(logprobs.topk(5).values.tolist())
+            token = logprobs.argmax().view(1, 1)
+            appended = {"input_ids": token, "attention_mask": torch.ones_like(token)}
+            appended["mm_token_type_ids"] = torch.zeros_like(token)  # Qwen2-VL: the new token is text
+            for name, column in appended.items():
+                if name in inputs:
+                    inputs[name] = torch.cat([inputs[name], column.to(inputs[name].dtype)], dim=1)
+        return tops
 
-    body = ask(
-        http,
-        None,
-        [image_part(RED), {"type": "input_text", "text": QUESTION}],
-        include=["message.output_text.logprobs"],
-        top_logprobs=5,
-    )
-    first = body["output"][0]["content"][0]["logprobs"][0]
-    served = sorted((top["logprob"] for top in first["top_logprobs"]), reverse=True)
-    assert served == pytest.approx(reference(RED), abs=2e-4)
-    assert reference(BLUE) != pytest.approx(reference(RED), abs=2e-4)  # the picture matters to the logits
+    # A picture no earlier test sent (its KV is not cached), prefilled 16 tokens a step: chunks start inside it.
+    green = picture((40, 200, 90))
+    budget = vlm.state.default_model.worker.scheduler.prefill_budget
+    limits = budget.max_tokens, budget.idle_tokens
+    budget.max_tokens = budget.idle_tokens = BLOCK
+    try:
+        body = ask(
+            http,
+            None,
+            [image_part(green), {"type": "input_text", "text": question}],
+            include=["message.output_text.logprobs"],
+            top_logprobs=5,
+        )
+    finally:
+        budget.max_tokens, budget.idle_tokens = limits
+    assert body["usage"]["input_tokens"] - body["usage"]["input_tokens_details"]["cached_tokens"] > 2 * BLOCK
+    tokens = body["output"][0]["content"][0]["logprobs"][:6]
+    assert tokens
+    expected = reference(green, len(tokens))
+    for step, (token, wanted) in enumerate(zip(tokens, expected, strict=True)):
+        served = sorted((top["logprob"] for top in token["top_logprobs"]), reverse=True)
+        assert served == pytest.approx(wanted, abs=2e-4), f"output token {step}"
+    assert reference(BLUE, 1)[0] != pytest.approx(reference(RED, 1)[0], abs=2e-4)  # the picture matters
+
+
+def test_preempted_image_prompts_recompute_without_changing_a_logit(vlm: RunningServer) -> None:
+    """The engine's own loop over a pool too small for two growing image prompts: the newer is preempted and
+    recomputed from its kept image rows and positions; every sampled position matches transformers' forward
+    over the whole sequence with its pixels."""
+    from transformers import AutoModelForImageTextToText
+
+    pipeline = vlm.state.default_model.worker.pipeline
+    folder = vlm.state.settings.model
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    reference = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    sequences = []
+    for index, color in enumerate(((200, 40, 40), (40, 200, 40), (40, 40, 200))):
+        image = PromptImage(Image.open(io.BytesIO(picture(color))).convert("RGB"))
+        prompt, vision = pipeline.render([ChatMessage("user", f"Picture {index}: {QUESTION}", images=(image,))])
+        request = GenerationRequest(f"pre-{index}", prompt, SamplingParams(max_tokens=16, temperature=0), vision)
+        sequence = Sequence(request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts)
+        sequence.images = encode_images(model, vision, prompt)
+        sequence.rope_positions = rope_positions(model, vision, prompt)
+        sequences.append(sequence)
+    block_size = 4
+    blocks = -(-max(len(sequence.token_ids) for sequence in sequences) // block_size)  # the longest prompt's
+    num_blocks = 1 + 2 * blocks + 2  # two prompts fit at once, not their 16 output tokens each
+    cpu = torch.device("cpu")
+    cache = PagedKVCache(model.config.get_text_config(), num_blocks, block_size, torch.float32, cpu)
+    runner = ModelRunner(model, cache, cpu)
+    scheduler = Scheduler(BlockManager(num_blocks, block_size), max_running=4, max_prefill_tokens=8)
+    scheduler.prefill_budget = PrefillBudget(8, idle_tokens=8)  # chunks of 8 tokens, decoding or not
+    for sequence in sequences:
+        scheduler.add(sequence)
+    for _ in range(400):
+        chunks = scheduler.schedule()
+        if not chunks:
+            break
+        logits = runner.run(chunks)
+        scheduler.computed(chunks)
+        for sequence, row in zip([chunk.sequence for chunk in chunks if chunk.samples], logits, strict=True):
+            vision = sequence.request.vision
+            ids = torch.tensor([sequence.token_ids])
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **vision.tensors}
+            inputs["mm_token_type_ids"] = (ids == vision.image_token_id).int()  # read by Qwen2-VL's family only
+            with torch.inference_mode():
+                expected = reference(**inputs).logits[0, -1]
+            torch.testing.assert_close(row, expected, atol=2e-4, rtol=1e-4)
+            token = int(row.argmax())
+            sequence.token_ids.append(token)
+            sequence.output_ids.append(token)
+            if len(sequence.output_ids) == 16:
+                scheduler.finish(sequence)
+    assert not scheduler.running and not scheduler.waiting and not scheduler.too_long
+    assert scheduler.preemptions > 0
+
+
+def test_mrope_positions_follow_the_image_grid(vlm: RunningServer) -> None:
+    pipeline = vlm.state.default_model.worker.pipeline
+    image = PromptImage(Image.open(io.BytesIO(RED)).convert("RGB"))
+    prompt, vision = pipeline.render([ChatMessage("user", QUESTION, images=(image,))])
+    assert vision is not None
+    positions = rope_positions(pipeline.model, vision, prompt)
+    if not hasattr(pipeline.model.model, "get_rope_index"):  # LLaVA, Idefics3: every token at its index
+        assert positions is None
+        return
+    assert positions is not None
+    first, count = vision.first_image_token, vision.num_image_tokens
+    rows, columns = (int(size) // 2 for size in vision.tensors["image_grid_thw"][0, 1:])  # merged 2x2
+    assert rows * columns == count and rows > 1 and columns > 1
+    grid = positions.span(first, first + count) - first
+    assert grid[0].tolist() == [0] * count  # one picture: a single temporal step
+    assert grid[1].tolist() == [row for row in range(rows) for _ in range(columns)]
+    assert grid[2].tolist() == [column for _ in range(rows) for column in range(columns)]
+    # Text after the picture goes on from its largest side, and so do the output tokens.
+    assert positions.delta == max(rows, columns) - count
+    after = positions.span(first + count, len(prompt) + 3)
+    assert after.tolist() == [list(range(first + max(rows, columns), len(prompt) + 3 + positions.delta))] * 3
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -386,9 +565,11 @@ def test_only_public_addresses_are_fetched(address: str, public: bool) -> None:
     assert _is_public(ipaddress.ip_address(address)) is public
 
 
-def test_mrope_models_are_refused_at_load(tmp_path: Path) -> None:
-    from transformers import Qwen2VLConfig
+def test_unserved_mrope_families_are_refused_at_load_with_the_reason(tmp_path: Path) -> None:
+    from transformers import Glm4vConfig, Qwen3VLConfig
 
-    Qwen2VLConfig().save_pretrained(tmp_path)
-    with pytest.raises(ModelSourceError, match="M-RoPE"):
-        VisionLanguagePipeline.load(ModelSource(str(tmp_path), "qwen2-vl"))
+    for config, reason in ((Qwen3VLConfig(), "deepstack"), (Glm4vConfig(), "M-RoPE")):
+        folder = tmp_path / config.model_type
+        config.save_pretrained(folder)
+        with pytest.raises(ModelSourceError, match=reason):
+            VisionLanguagePipeline.load(ModelSource(str(folder), config.model_type))

@@ -6,6 +6,11 @@ its cache is the pool (kv_cache.py). Logits are computed only for the chunks tha
 A step in which some chunk covers image placeholders (a vision-language prompt, vision.py) runs on input
 embeddings instead of ids: the tokens' embeddings, with the image rows overwritten by the features the
 vision encoder made at admission. Steps without images take the ids path unchanged.
+
+An M-RoPE model (Qwen2-VL, Qwen2.5-VL) reads three positions per token. When some sequence of the step has
+them (an image prompt, vision.py's `RopePositions`), the step passes [3, 1, tokens] positions, the other
+sequences' tokens at their index in all three; otherwise [1, tokens], which such a model spreads to all
+three itself, as any other model takes it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class StepInputs:
     sampled_rows: list[int]  # flat indices whose logits are wanted
     image_rows: torch.Tensor | None = None  # [n] flat indices whose embeddings are image features
     image_features: torch.Tensor | None = None  # [n, hidden]
+    mrope_positions: torch.Tensor | None = None  # [3, tokens] when some sequence has M-RoPE positions
 
     @classmethod
     def of(cls, chunks: list[Chunk]) -> StepInputs:
@@ -45,7 +51,7 @@ class StepInputs:
         tables = [chunk.sequence.block_table for chunk in chunks]
         spans = [(chunk.start, chunk.end) for chunk in chunks]
         rows, features = _image_rows(chunks)
-        return cls(input_ids, positions, tables, spans, sampled_rows, rows, features)
+        return cls(input_ids, positions, tables, spans, sampled_rows, rows, features, _mrope_positions(chunks))
 
 
 class ModelRunner:
@@ -73,9 +79,13 @@ class ModelRunner:
             embeds = self.model.get_input_embeddings()(input_ids)
             embeds[0, step.image_rows.to(self.device)] = step.image_features.to(embeds.dtype)
             tokens = {"inputs_embeds": embeds}
+        if step.mrope_positions is None:
+            positions = torch.tensor([step.positions], device=self.device)
+        else:  # (temporal, height, width) x batch 1 x tokens
+            positions = step.mrope_positions[:, None, :].to(self.device)
         out = self.model(
             **tokens,
-            position_ids=torch.tensor([step.positions], device=self.device),
+            position_ids=positions,
             cache=self.cache,
             use_cache=True,
             logits_to_keep=torch.tensor(step.sampled_rows, dtype=torch.long, device=self.device),
@@ -99,6 +109,20 @@ def _image_rows(chunks: list[Chunk]) -> tuple[torch.Tensor | None, torch.Tensor 
     if not rows or not sum(len(offsets) for offsets in rows):
         return None, None
     return torch.cat(rows), torch.cat(features)
+
+
+def _mrope_positions(chunks: list[Chunk]) -> torch.Tensor | None:
+    """[3, tokens] when some chunk's sequence has M-RoPE positions, else None (the step's plain positions)."""
+    if all(chunk.sequence.rope_positions is None for chunk in chunks):
+        return None
+    spans: list[torch.Tensor] = []
+    for chunk in chunks:
+        rope = chunk.sequence.rope_positions
+        if rope is None:  # a text prompt, or a model without M-RoPE: text tokens sit at their index
+            spans.append(torch.arange(chunk.start, chunk.end).expand(3, -1))
+        else:
+            spans.append(rope.span(chunk.start, chunk.end))
+    return torch.cat(spans, dim=1)
 
 
 class StepSender(Protocol):

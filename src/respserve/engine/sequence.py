@@ -19,7 +19,7 @@ from respserve.engine.sampler import RowLogprobs, SamplingRow
 from respserve.engine.stop_strings import StopStringMatcher
 from respserve.engine.structured_output import GrammarCompiler
 from respserve.engine.token_text import TokenTexts
-from respserve.engine.vision import ImageEmbeddings
+from respserve.engine.vision import ImageEmbeddings, RopePositions
 
 
 class Sequence:
@@ -43,6 +43,7 @@ class Sequence:
         vision = request.vision
         self.hash_salt = None if vision is None else (vision.first_image_token, vision.hash_salt)
         self.images: ImageEmbeddings | None = None  # set at admission (worker.py), kept while it lives
+        self.rope_positions: RopePositions | None = None  # likewise, for M-RoPE models' image prompts
         self.started = False  # admitted once (it no longer counts as queued, even if preempted later)
         self.status = GenerationStatus.ACTIVE
         self.cancelled = False

@@ -9,6 +9,12 @@ chunks, and a recompute after preemption, take their image rows from it rather t
 Placeholder tokens are the same for every picture of a size, so the prefix cache cannot tell two images
 apart by tokens: `hash_salt` (a hash of the pixel tensors) is mixed into the block hashes from the block
 holding the first placeholder on (block_manager.py).
+
+Qwen2-VL and Qwen2.5-VL place tokens on 3-D (M-RoPE) positions: (temporal, height, width), which for an
+image's tokens follow its grid rather than the token index, and text after an image sits at its index plus
+a per-prompt offset. `rope_positions` asks the model's own `get_rope_index` for them once, at admission;
+the sequence keeps them (`RopePositions`), so every chunk, decode token and recompute reads its positions
+from there.
 """
 
 from __future__ import annotations
@@ -52,6 +58,22 @@ class ImageEmbeddings:
         return self.positions[first:last] - start, self.features[first:last]
 
 
+@dataclass(frozen=True, eq=False)
+class RopePositions:
+    """A prompt's M-RoPE positions; tokens past the prompt (the output) sit at their index + `delta` in all
+    three components, as in the model's own generation after the prompt."""
+
+    prompt: torch.Tensor  # [3, prompt length] long, on the CPU: (temporal, height, width) per token
+    delta: int  # the highest prompt position + 1 - the prompt's length
+
+    def span(self, start: int, end: int) -> torch.Tensor:
+        """[3, end - start] positions of the sequence's tokens [start, end)."""
+        length = self.prompt.shape[1]
+        known = self.prompt[:, min(start, length) : min(end, length)]
+        after = torch.arange(max(start, length), max(end, length)) + self.delta
+        return torch.cat([known, after.expand(3, -1)], dim=1)
+
+
 def encode_images(model: Any, vision: VisionInputs, prompt: list[int]) -> ImageEmbeddings:
     """Runs the vision tower and projector over the request's images (the worker thread, at admission)."""
     device, dtype = model.device, model.dtype
@@ -68,6 +90,22 @@ def encode_images(model: Any, vision: VisionInputs, prompt: list[int]) -> ImageE
     if features.shape[0] != positions.shape[0]:
         raise ValueError(f"the vision encoder made {features.shape[0]} rows for {positions.shape[0]} image tokens")
     return ImageEmbeddings(positions, features)
+
+
+def rope_positions(model: Any, vision: VisionInputs, prompt: list[int]) -> RopePositions | None:
+    """The prompt's M-RoPE positions from the model's own `get_rope_index` (Qwen2-VL's family: the rules are
+    the model's, so they are not restated here); None for models whose tokens sit at their index."""
+    get_rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+    if get_rope_index is None:
+        return None
+    ids = torch.tensor([prompt], dtype=torch.long)
+    # Text (0) or image (1) per token, as the processor marks them: each run of 1s is one image's grid.
+    token_types = (ids == vision.image_token_id).int()
+    with torch.inference_mode():
+        positions, deltas = get_rope_index(
+            ids, mm_token_type_ids=token_types, image_grid_thw=vision.tensors.get("image_grid_thw")
+        )
+    return RopePositions(positions[:, 0].to("cpu", torch.long), int(deltas.reshape(-1)[0]))
 
 
 def _tensor_hash(tensors: dict[str, torch.Tensor]) -> int:

@@ -6,9 +6,9 @@ per request over the pictures (vision.py), outside the paged steps. Prompts are 
 processor's chat template, each turn's images before its text, then tokenized by the processor, which
 expands every image into the placeholder tokens its model fills with image features.
 
-Models that place tokens on 3-D (M-RoPE) positions, Qwen2-VL and its kin, are refused at load: the engine
-gives every token one position, its index in the sequence, while theirs depend on where the token sits in
-its image's grid.
+Qwen2-VL and Qwen2.5-VL place tokens on 3-D (M-RoPE) positions that follow each image's grid; the engine
+takes them from the model at admission (vision.py's `RopePositions`). Other M-RoPE families are refused at
+load, each with its reason (`_REFUSED`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+from transformers.utils import is_torchvision_available
 
 from respserve.engine.device import pick_device, pick_dtype
 from respserve.engine.generation import ChatMessage, PromptImage, ToolSpec
@@ -33,8 +35,27 @@ from respserve.engine.vision import VisionInputs
 
 logger = logging.getLogger(__name__)
 
-# Text models that are also listed as image-text-to-text (a config of either kind loads as text then).
-_MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "glm4v", "glm4v_moe")
+# M-RoPE families whose positions the engine gets from the model's own `get_rope_index` (vision.py), with
+# their processors' names.
+_MROPE_SERVED = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+_DEEPSTACK = (
+    "adds image features to the hidden states inside its first decoder layers (deepstack), which the engine's "
+    "steps do not carry"
+)
+_UNTESTED_MROPE = "places tokens on 3-D (M-RoPE) positions, which the engine computes only for Qwen2-VL's family"
+# Why the other M-RoPE families cannot be served; any other config that mentions M-RoPE is refused too.
+_REFUSED = {
+    "qwen3_vl": _DEEPSTACK,
+    "qwen3_vl_moe": _DEEPSTACK,
+    "qwen2_5_omni": _UNTESTED_MROPE,
+    "glm4v": _UNTESTED_MROPE,
+    "glm4v_moe": _UNTESTED_MROPE,
+}
+
+
+# What the processor returns about the text, not the pictures: kept away from the vision encoder (Qwen2-VL's
+# token types are derived again from the prompt where its positions are computed, vision.py).
+_TEXT_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 def is_vision_model(source: ModelSource) -> bool:
@@ -47,12 +68,44 @@ def is_vision_model(source: ModelSource) -> bool:
     return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and has_processor
 
 
-def _refuse_mrope(config: Any) -> None:
-    text = json.dumps(config.to_dict(), default=str)
-    if config.model_type in _MROPE_MODEL_TYPES or "mrope" in text:
+def processor_class(model_type: str) -> type | None:
+    """The processor class for a Qwen2-VL-family `model_type`; None for the others (AutoProcessor's choice).
+
+    Qwen2-VL's processors also hold a video processor, which transformers builds only with torchvision (and
+    without it fails to build the processor at all). respserve reads images alone, so there it takes the
+    same processor without its video half: the same class name (a folder it saves is Qwen2-VL's own), an
+    `__init__` whose signature lists only the image processor and the tokenizer (the processor's halves are
+    read from that signature), passing no video processor on."""
+    name = _MROPE_SERVED.get(model_type)
+    if name is None:
+        return None
+    full: type = getattr(transformers, name)
+    if is_torchvision_available():
+        return full
+
+    def init(
+        self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any
+    ) -> None:
+        full.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(name, (full,), {"__init__": init, "__module__": __name__})
+
+
+def load_processor(path: str) -> Any:
+    """The model folder's processor (see `processor_class`)."""
+    known = processor_class(AutoConfig.from_pretrained(path).model_type)
+    return AutoProcessor.from_pretrained(path) if known is None else known.from_pretrained(path)
+
+
+def _refuse_unserved(config: Any) -> None:
+    if config.model_type in _MROPE_SERVED:
+        return
+    reason = _REFUSED.get(config.model_type)
+    if reason is None and "mrope" in json.dumps(config.to_dict(), default=str):
+        reason = _UNTESTED_MROPE
+    if reason is not None:
         raise ModelSourceError(
-            f"{config.model_type} places tokens on 3-D (M-RoPE) positions, which the paged engine does not "
-            "support (it gives each token its index in the sequence); serve a LLaVA or SmolVLM/Idefics3-style model"
+            f"{config.model_type} {reason}; serve a Qwen2-VL, Qwen2.5-VL, LLaVA or SmolVLM/Idefics3-style model"
         )
 
 
@@ -74,11 +127,11 @@ class VisionLanguagePipeline(TextPipeline):
     ) -> VisionLanguagePipeline:
         if tensor_parallel > 1:
             raise ModelSourceError("vision-language models are served on one device (no tensor parallelism)")
-        _refuse_mrope(AutoConfig.from_pretrained(source.path))
+        _refuse_unserved(AutoConfig.from_pretrained(source.path))
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
         started = time.perf_counter()
-        processor = AutoProcessor.from_pretrained(source.path)
+        processor = load_processor(source.path)
         model = AutoModelForImageTextToText.from_pretrained(source.path, dtype=torch_dtype).to(torch_device).eval()
         if can_pack(torch_device, torch_dtype):  # the decode path only: the vision tower runs once a request
             pack_linears(model.get_decoder())
@@ -132,5 +185,5 @@ class VisionLanguagePipeline(TextPipeline):
             **options,
         )
         ids = encoded["input_ids"][0].tolist()
-        tensors = {name: value for name, value in encoded.items() if name not in ("input_ids", "attention_mask")}
+        tensors = {name: value for name, value in encoded.items() if name not in _TEXT_INPUTS}
         return ids, VisionInputs.of(tensors, ids, self.image_token_id)

@@ -31,7 +31,7 @@ from respserve.engine.scheduler import Chunk, Scheduler
 from respserve.engine.sequence import Sequence
 from respserve.engine.tensor_parallel import TensorParallelGroup
 from respserve.engine.text_pipeline import TextPipeline
-from respserve.engine.vision import encode_images
+from respserve.engine.vision import encode_images, rope_positions
 from respserve.engine.worker_thread import WorkerThread
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
                 )
                 if request.vision is not None:  # once per request; prefill chunks take their rows from it
                     sequence.images = encode_images(pipeline.model, request.vision, request.prompt_token_ids)
+                    sequence.rope_positions = rope_positions(pipeline.model, request.vision, request.prompt_token_ids)
             except Exception as exc:
                 logger.exception("request %s could not start", request.request_id)
                 self._queue.left(1)
