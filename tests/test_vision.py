@@ -565,10 +565,11 @@ def test_only_public_addresses_are_fetched(address: str, public: bool) -> None:
     assert _is_public(ipaddress.ip_address(address)) is public
 
 
-def test_unserved_mrope_families_are_refused_at_load_with_the_reason(tmp_path: Path) -> None:
-    from transformers import Glm4vConfig, Qwen3VLConfig
+def test_unserved_families_are_refused_at_load_with_the_reason(tmp_path: Path) -> None:
+    from transformers import Gemma3Config, Glm4vConfig, Qwen3VLConfig
 
-    for config, reason in ((Qwen3VLConfig(), "deepstack"), (Glm4vConfig(), "M-RoPE")):
+    refused = ((Qwen3VLConfig(), "deepstack"), (Glm4vConfig(), "M-RoPE"), (Gemma3Config(), "both ways"))
+    for config, reason in refused:
         folder = tmp_path / config.model_type
         config.save_pretrained(folder)
         with pytest.raises(ModelSourceError, match=reason):

@@ -43,13 +43,21 @@ _DEEPSTACK = (
     "steps do not carry"
 )
 _UNTESTED_MROPE = "places tokens on 3-D (M-RoPE) positions, which the engine computes only for Qwen2-VL's family"
-# Why the other M-RoPE families cannot be served; any other config that mentions M-RoPE is refused too.
+_BIDIRECTIONAL = (
+    "lets an image's tokens attend to each other both ways, and the engine's paged attention is causal only "
+    "(it would serve the model, wrongly)"
+)
+# Why other families cannot be served (M-RoPE ones, and those whose image tokens attend both ways); any
+# other config that mentions M-RoPE is refused too.
 _REFUSED = {
     "qwen3_vl": _DEEPSTACK,
     "qwen3_vl_moe": _DEEPSTACK,
     "qwen2_5_omni": _UNTESTED_MROPE,
     "glm4v": _UNTESTED_MROPE,
     "glm4v_moe": _UNTESTED_MROPE,
+    "gemma3": _BIDIRECTIONAL,
+    "gemma3n": _BIDIRECTIONAL,
+    "paligemma": _BIDIRECTIONAL,
 }
 
 
