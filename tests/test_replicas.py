@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ import httpx
 from conftest import RunningServer, free_port, long_job, spawn_server, start_server, stop_server, wait_for
 
 from respserve.config import load_settings
+from respserve.store import open_store
 
 LEASE_S = 2.0
 
@@ -81,7 +83,7 @@ def test_a_job_on_one_replica_is_followed_live_and_cancelled_through_the_other(
         live: list[dict] = []
         arrivals: list[float] = []
         with httpx.Client(base_url=b.base_url, timeout=60) as client:
-            stored_then = len(a.state.store.events_after(job, -1))
+            stored_then = asyncio.run(_recorded_events(postgres_url, job))
             params = {"stream": "true", "starting_after": 0}
             with client.stream("GET", f"/v1/responses/{job}", params=params) as follow:
                 for line in follow.iter_lines():
@@ -104,3 +106,14 @@ def test_a_job_on_one_replica_is_followed_live_and_cancelled_through_the_other(
     finally:
         for uv_server, thread, _ in replicas:
             stop_server(uv_server, thread)
+
+
+async def _recorded_events(store_url: str, response_id: str) -> int:
+    """How many events the store holds for a response, read as a third replica would (A's store belongs to
+    A's event loop, in its server thread)."""
+    store = open_store(Path("unused"), store_url)
+    await store.open()
+    try:
+        return len(await store.events_after(response_id, -1))
+    finally:
+        await store.close()

@@ -249,6 +249,19 @@ def test_background_stream_resumes(server: RunningServer, http, schema: OpenResp
     assert len(replay) == len(events) + 1
 
 
+def test_a_stream_whose_client_left_is_stored_as_cancelled(server: RunningServer, http) -> None:
+    # Its end is written from inside the stream's cancelled scope, where an unshielded await would not run.
+    with (
+        httpx.Client(base_url=server.base_url, timeout=60) as client,
+        client.stream("POST", "/v1/responses", json=long_job(server, stream=True)) as response,
+    ):
+        first = json.loads(next(line for line in response.iter_lines() if line.startswith("data: {"))[6:])
+    response_id = first["response"]["id"]
+    assert wait_for(lambda: http.get(f"/v1/responses/{response_id}").json()["status"] == "cancelled", timeout=10)
+    worker = server.state.default_model.worker
+    assert wait_for(lambda: worker.num_running == 0, timeout=10)
+
+
 def test_fifty_concurrent_stored_requests(server: RunningServer, http) -> None:
     async def create_all() -> list[dict]:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:

@@ -86,13 +86,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await store.open()  # here, not in create_app: its connections belong to the serving event loop
         if store.shared:  # replicas: leases tell a dead replica's responses from a live one's
             state.leases.start()
         else:  # a store of this process alone: what it left unfinished died with it
-            interrupted = store.fail_unfinished("The server restarted before this response finished.")
+            interrupted = await store.fail_unfinished("The server restarted before this response finished.")
             if interrupted:
                 logger.warning("marked %d responses interrupted by a restart as failed", interrupted)
-        state.background.connect()
+        await state.background.connect()
         served = load_text_model(settings)
         state.models[served.name] = served
         metrics.watch(served.worker)
@@ -107,7 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
             await state.leases.stop()
             for model in state.models.values():
                 model.worker.stop()
-            store.close()
+            await store.close()
 
     # sse-starlette ends every open stream the moment SIGTERM arrives; a graceful shutdown lets them finish,
     # and uvicorn's `timeout_graceful_shutdown` (--shutdown-grace) bounds how long that may take.

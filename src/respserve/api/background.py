@@ -28,19 +28,13 @@ class BackgroundJobs:
         self._changed: dict[str, asyncio.Condition] = {}
         self._versions: dict[str, int] = {}
         self._remote: dict[str, asyncio.Event] = {}  # jobs of other replicas that someone here follows
-        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def connect(self) -> None:
+    async def connect(self) -> None:
         """Hears the other replicas through a shared store: new events of their jobs, cancels of ours."""
         if self._store.shared:
-            self._loop = asyncio.get_running_loop()
-            self._store.listen(self._heard)
+            await self._store.listen(self._heard)
 
-    def _heard(self, channel: Channel, response_id: str) -> None:  # on the store's listener thread
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._on_notification, channel, response_id)
-
-    def _on_notification(self, channel: Channel, response_id: str) -> None:
+    def _heard(self, channel: Channel, response_id: str) -> None:  # on the event loop
         if channel == "cancel":
             if response_id in self._tasks:
                 asyncio.ensure_future(self.cancel(response_id))
@@ -90,7 +84,7 @@ class BackgroundJobs:
     async def _cancel_elsewhere(self, response_id: str, owner: str | None) -> bool:
         if not self._store.shared or not await self._running_elsewhere(response_id, owner):
             return False
-        await asyncio.to_thread(self._store.notify, "cancel", response_id)
+        await self._store.notify("cancel", response_id)
         deadline = asyncio.get_running_loop().time() + _REMOTE_CANCEL_S
         while asyncio.get_running_loop().time() < deadline:  # until the replica running it has recorded it
             if not await self._running_elsewhere(response_id, owner):
@@ -99,7 +93,7 @@ class BackgroundJobs:
         return False
 
     async def _running_elsewhere(self, response_id: str, owner: str | None) -> bool:
-        resource = await asyncio.to_thread(self._store.get_response, response_id, owner)
+        resource = await self._store.get_response(response_id, owner)
         return resource is not None and resource["status"] in ("queued", "in_progress")
 
     async def shutdown(self) -> None:
@@ -119,7 +113,7 @@ class BackgroundJobs:
             if wake is not None:
                 wake.clear()  # before reading: a notification from now on is not missed
             running = local or (wake is not None and await self._running_elsewhere(response_id, owner))
-            for number, event in await asyncio.to_thread(self._store.events_after, response_id, last):
+            for number, event in await self._store.events_after(response_id, last):
                 last = number
                 yield event
                 if json.loads(event)["type"] in TERMINAL_EVENTS:

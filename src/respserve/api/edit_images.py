@@ -92,7 +92,7 @@ async def _source(
             code="missing_required_parameter" if image_url is None else None,
         )
     if file_id is not None:
-        stored = await asyncio.to_thread(state.store.read_file, file_id, owner)
+        stored = await state.store.read_file(file_id, owner)
         if stored is None:
             raise NotFoundError(f"File with id '{file_id}' not found.", param=f"{param}.file_id")
         return _Source(stored[1], f"{param}.file_id")

@@ -85,7 +85,7 @@ class _FileReader:
             )
         if part.file_id is not None:
             field = f"{param}.file_id"
-            stored = await asyncio.to_thread(self._store.read_file, part.file_id, self._owner)
+            stored = await self._store.read_file(part.file_id, self._owner)
             if stored is None:
                 raise NotFoundError(f"File with id '{part.file_id}' not found.", param=field)
             filename, data = part.filename or stored[0].filename, stored[1]

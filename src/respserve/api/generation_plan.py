@@ -28,7 +28,7 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 async def stored_context_items(body: CreateResponseRequest, state: AppState, owner: str | None) -> list[InputItem]:
     """The earlier items a request continues from: its previous response's chain, or its conversation."""
     if body.previous_response_id:
-        items = await asyncio.to_thread(state.store.chain_items, body.previous_response_id, owner)
+        items = await state.store.chain_items(body.previous_response_id, owner)
         if items is None:
             raise NotFoundError(
                 f"Previous response with id '{body.previous_response_id}' not found.",
@@ -36,7 +36,7 @@ async def stored_context_items(body: CreateResponseRequest, state: AppState, own
             )
         return context_items(items)
     if body.conversation_id:
-        items = await asyncio.to_thread(state.store.all_conversation_items, body.conversation_id, owner)
+        items = await state.store.all_conversation_items(body.conversation_id, owner)
         if items is None:
             raise NotFoundError(f"Conversation with id '{body.conversation_id}' not found.", param="conversation")
         return context_items(items)

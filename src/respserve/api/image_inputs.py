@@ -115,7 +115,7 @@ class _ImageSources:
                 code="missing_required_parameter" if part.image_url is None else None,
             )
         if part.file_id is not None:
-            stored = await asyncio.to_thread(self._state.store.read_file, part.file_id, self._owner)
+            stored = await self._state.store.read_file(part.file_id, self._owner)
             if stored is None:
                 raise NotFoundError(f"File with id '{part.file_id}' not found.", param=f"{param}.file_id")
             return await inline_image(stored[1], part.detail, f"{param}.file_id", self._max_pixels)

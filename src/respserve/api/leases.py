@@ -48,17 +48,17 @@ class LeaseKeeper:
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.beat)
+                await self.beat()
             except Exception:  # a store hiccup must not end the renewals
                 logger.exception("renewing leases failed")
             await asyncio.sleep(self._lease_s / 3)
 
-    def beat(self) -> None:
+    async def beat(self) -> None:
         """Renews this process's leases, then fails the responses whose replica stopped renewing."""
         now = int(time.time())
-        self._store.renew_leases(self.replica, sorted(self._running), now + int(self._lease_s) + 1)
+        await self._store.renew_leases(self.replica, sorted(self._running), now + int(self._lease_s) + 1)
         # Never leased (saved, then the replica died before its first renewal): failed once a lease has passed.
-        failed = self._store.fail_expired(now, now - int(self._lease_s) - 1, EXPIRED_MESSAGE)
+        failed = await self._store.fail_expired(now, now - int(self._lease_s) - 1, EXPIRED_MESSAGE)
         if failed:
             logger.warning("marked %d responses of stopped replicas as failed", failed)
         self.beats += 1

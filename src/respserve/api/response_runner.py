@@ -7,11 +7,12 @@ conversation, the new items to the store.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from respserve.api.converter import ResponseConverter
 from respserve.api.metrics import RequestTimer
@@ -68,11 +69,8 @@ class ResponseRunner:
         if persistence and persistence.save_response:
             if persistence.leases is not None:
                 persistence.leases.hold(self.response_id)
-            await asyncio.to_thread(
-                persistence.store.save_response,
-                self.converter.resource.to_wire(),
-                persistence.input_items,
-                persistence.owner,
+            await persistence.store.save_response(
+                self.converter.resource.to_wire(), persistence.input_items, persistence.owner
             )
 
     async def events(self) -> AsyncIterator[StreamEvent]:
@@ -80,7 +78,7 @@ class ResponseRunner:
             was_queued = self.converter.resource.status == "queued"
             started = await self._recorded(self.converter.start())
             if was_queued:  # a background job: whoever polls it now sees it in progress
-                await asyncio.to_thread(self._save_resource)
+                await self._save_resource()
             for event in started:
                 yield event
             turns = self._turns
@@ -106,12 +104,13 @@ class ResponseRunner:
                     for event in await self._recorded(between + finished):
                         yield event
             self._finished = True
-            await asyncio.to_thread(self._save_final)
+            await self._save_final()
         finally:
             if not self._finished:
-                # Interrupted (disconnect, cancel, shutdown): a quick synchronous write, since awaiting
-                # here may not be allowed any more.
-                self._mark_interrupted()
+                # Interrupted (disconnect, cancel, shutdown). A stream whose client left runs this inside a
+                # cancelled anyio scope, which would cancel every await here: the write is shielded from it.
+                with anyio.CancelScope(shield=True):
+                    await self._mark_interrupted()
             if self._persistence and self._persistence.leases:
                 self._persistence.leases.release(self.response_id)
 
@@ -131,32 +130,32 @@ class ResponseRunner:
                 media_type=MEDIA_TYPES[image.format],
                 data=image.data,
             )
-            await asyncio.to_thread(persistence.store.save_image, stored, persistence.owner)
+            await persistence.store.save_image(stored, persistence.owner)
 
     async def _recorded(self, events: list[StreamEvent]) -> list[StreamEvent]:
         persistence = self._persistence
         if persistence and persistence.record_events and events:
             rows = [(event.sequence_number, event.to_wire_json()) for event in events]
-            await asyncio.to_thread(persistence.store.append_events, self.response_id, rows)
+            await persistence.store.append_events(self.response_id, rows)
         return events
 
-    def _save_resource(self) -> None:
+    async def _save_resource(self) -> None:
         persistence = self._persistence
         if persistence and persistence.save_response:
-            persistence.store.save_response(self.converter.resource.to_wire(), None, persistence.owner)
+            await persistence.store.save_response(self.converter.resource.to_wire(), None, persistence.owner)
 
-    def _save_final(self) -> None:
+    async def _save_final(self) -> None:
         persistence = self._persistence
         if persistence is None:
             return
-        self._save_resource()
+        await self._save_resource()
         if persistence.conversation_id:
             output = self.converter.resource.to_wire()["output"]
-            persistence.store.add_conversation_items(
+            await persistence.store.add_conversation_items(
                 persistence.conversation_id, persistence.input_items + output, persistence.owner
             )
 
-    def _mark_interrupted(self) -> None:
+    async def _mark_interrupted(self) -> None:
         resource = self.converter.resource
         if resource.status not in ("queued", "in_progress"):
             return
@@ -165,4 +164,4 @@ class ResponseRunner:
             resource.error = ResponseError(
                 code="server_error", message="The server shut down before this response finished."
             )
-        self._save_resource()
+        await self._save_resource()

@@ -1,23 +1,26 @@
-"""The shared backend: PostgreSQL through psycopg 3 and its connection pool, for replicas that share state.
+"""The shared backend: PostgreSQL through psycopg 3's asyncio connections and their pool, for replicas that
+share state.
 
 The schema is versioned in `respserve_schema`; each start applies the migrations it lacks, under an
 advisory lock, so replicas starting together migrate once. The store's SQL (sql_store.py) is written with
-`?` placeholders; this backend hands psycopg `%s` ones.
+`?` placeholders; this backend hands psycopg `%s` ones. Other replicas' notifications arrive on a
+connection of their own, read by a task on the event loop.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+import anyio
 import psycopg
-from psycopg import Cursor
-from psycopg_pool import ConnectionPool
+from psycopg import AsyncConnection, AsyncCursor
+from psycopg_pool import AsyncConnectionPool
 
 from respserve.store.base import Channel
-from respserve.store.sql_store import Row, SqlBackend, SqlResponseStore, split_statements
+from respserve.store.sql_store import Cursor, Row, SqlBackend, SqlResponseStore, Transaction, split_statements
 
 # Each entry migrates the schema from version i to i + 1; append, never edit.
 MIGRATIONS: list[str] = [
@@ -90,31 +93,30 @@ MIGRATIONS: list[str] = [
 ]
 _MIGRATION_LOCK = 0x7265737073  # any constant shared by every replica ("resps")
 _CHANNELS: dict[Channel, str] = {"events": "respserve_events", "cancel": "respserve_cancel"}
+T = TypeVar("T")
 
 
 class _QmarkCursor:
-    """A psycopg cursor that takes the store's `?` placeholders."""
+    """A psycopg async cursor that takes the store's `?` placeholders."""
 
-    def __init__(self, cursor: Cursor[Row]) -> None:
+    def __init__(self, cursor: AsyncCursor[Row]) -> None:
         self._cursor = cursor
 
     @property
     def rowcount(self) -> int:
         return self._cursor.rowcount
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> _QmarkCursor:
-        self._cursor.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
-        return self
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self._cursor.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
 
-    def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> _QmarkCursor:
-        self._cursor.executemany(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
-        return self
+    async def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        await self._cursor.executemany(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
 
-    def fetchone(self) -> Row | None:
-        return self._cursor.fetchone()
+    async def fetchone(self) -> Row | None:
+        return await self._cursor.fetchone()
 
-    def fetchall(self) -> list[Row]:
-        return self._cursor.fetchall()
+    async def fetchall(self) -> list[Row]:
+        return await self._cursor.fetchall()
 
 
 class PostgresBackend(SqlBackend):
@@ -122,51 +124,69 @@ class PostgresBackend(SqlBackend):
 
     def __init__(self, url: str, max_connections: int = 8) -> None:
         self._url = url
-        self._listener: psycopg.Connection[Any] | None = None
-        self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True)
-        self._pool.wait(timeout=30)
-        self._migrate()
+        # Opened in `open`, on the event loop whose tasks will use it: an asyncio pool's workers belong there.
+        self._pool: AsyncConnectionPool[AsyncConnection[Row]] = AsyncConnectionPool(
+            url, min_size=1, max_size=max_connections, open=False
+        )
+        self._listener: AsyncConnection[Row] | None = None
+        self._listening: asyncio.Task[None] | None = None
 
-    def _migrate(self) -> None:
-        with self.transaction() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
-            cursor.execute("CREATE TABLE IF NOT EXISTS respserve_schema (version INTEGER NOT NULL)")
-            row = cursor.execute("SELECT max(version) FROM respserve_schema").fetchone()
-            version = row[0] if row and row[0] is not None else 0
-            for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in split_statements(script):
-                    cursor.execute(statement)
-                cursor.execute("INSERT INTO respserve_schema (version) VALUES (?)", (target,))
+    async def open(self) -> None:
+        await self._pool.open(wait=True, timeout=30)  # a PostgreSQL still starting gets 30 s
+        await self.atomically(self._migrate)
 
-    def notify_in(self, cursor: Cursor, channel: Channel, response_id: str) -> None:
-        cursor.execute("SELECT pg_notify(?, ?)", (_CHANNELS[channel], response_id))
+    async def _migrate(self, cursor: Cursor) -> None:
+        await cursor.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+        await cursor.execute("CREATE TABLE IF NOT EXISTS respserve_schema (version INTEGER NOT NULL)")
+        await cursor.execute("SELECT max(version) FROM respserve_schema")
+        row = await cursor.fetchone()
+        version = row[0] if row and row[0] is not None else 0
+        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in split_statements(script):
+                await cursor.execute(statement)
+            await cursor.execute("INSERT INTO respserve_schema (version) VALUES (?)", (target,))
 
-    def listen(self, callback: Callable[[Channel, str], None]) -> None:
-        """One connection of its own, in autocommit, LISTENing on a thread of its own."""
-        connection = psycopg.connect(self._url, autocommit=True)
+    async def notify_in(self, cursor: Cursor, channel: Channel, response_id: str) -> None:
+        await cursor.execute("SELECT pg_notify(?, ?)", (_CHANNELS[channel], response_id))
+
+    async def listen(self, callback: Callable[[Channel, str], None]) -> None:
+        """One connection of its own, in autocommit, LISTENing; a task delivers what it hears."""
+        connection = await AsyncConnection.connect(self._url, autocommit=True)
         for name in _CHANNELS.values():
-            connection.execute(f"LISTEN {name}")
+            await connection.execute(f"LISTEN {name}")
         self._listener = connection
         channels = {name: channel for channel, name in _CHANNELS.items()}
 
-        def deliver() -> None:
+        async def deliver() -> None:
             try:
-                for note in connection.notifies():
-                    callback(channels[note.channel], note.payload)
+                async with contextlib.aclosing(connection.notifies()) as notes:
+                    async for note in notes:
+                        callback(channels[note.channel], note.payload)
             except psycopg.Error:
-                pass  # the connection was closed: the store is closing
+                pass  # the connection was lost or closed: the store is closing
 
-        threading.Thread(target=deliver, name="respserve-listen", daemon=True).start()
+        self._listening = asyncio.create_task(deliver(), name="respserve-listen")
 
-    @contextmanager
-    def transaction(self) -> Iterator[_QmarkCursor]:
-        with self._pool.connection() as connection, connection.transaction(), connection.cursor() as cursor:
-            yield _QmarkCursor(cursor)
+    async def atomically(self, work: Transaction[T]) -> T:
+        connection = await self._pool.getconn()
+        # Once a connection is out, shielded from a cancelled anyio scope (a stream whose client left), which
+        # would cancel the commit or rollback and the connection's return to the pool too: the transaction
+        # ends, the connection goes back, and the cancellation lands at the caller's next await.
+        with anyio.CancelScope(shield=True):
+            try:
+                async with connection.transaction(), connection.cursor() as cursor:
+                    return await work(_QmarkCursor(cursor))
+            finally:
+                await self._pool.putconn(connection)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listening
         if self._listener is not None:
-            self._listener.close()
-        self._pool.close()
+            await self._listener.close()
+        await self._pool.close()
 
 
 def open_postgres_store(url: str) -> SqlResponseStore:

@@ -22,28 +22,27 @@ _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 class SqlFiles:
     _db: SqlBackend
 
-    def save_file(self, file: StoredFile, data: bytes, owner: str | None) -> None:
-        with self._db.transaction() as db:
-            db.execute(
-                f"INSERT INTO files ({_RECORD}, owner, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*_values(file), owner, data),
-            )
+    async def save_file(self, file: StoredFile, data: bytes, owner: str | None) -> None:
+        await self._db.write(
+            f"INSERT INTO files ({_RECORD}, owner, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*_values(file), owner, data),
+        )
 
-    def get_file(self, file_id: str, owner: str | None) -> StoredFile | None:
-        rows = self._db.query(
+    async def get_file(self, file_id: str, owner: str | None) -> StoredFile | None:
+        rows = await self._db.query(
             f"SELECT {_RECORD} FROM files WHERE id = ? AND owner IS NOT DISTINCT FROM ? AND {_LIVE}",
             (file_id, owner, _now()),
         )
         return _record(rows[0]) if rows else None
 
-    def read_file(self, file_id: str, owner: str | None) -> tuple[StoredFile, bytes] | None:
-        rows = self._db.query(
+    async def read_file(self, file_id: str, owner: str | None) -> tuple[StoredFile, bytes] | None:
+        rows = await self._db.query(
             f"SELECT {_RECORD}, data FROM files WHERE id = ? AND owner IS NOT DISTINCT FROM ? AND {_LIVE}",
             (file_id, owner, _now()),
         )
         return (_record(rows[0][:-1]), bytes(rows[0][-1])) if rows else None
 
-    def list_files(
+    async def list_files(
         self, owner: str | None, purpose: str | None, limit: int, order: Order, after: str | None
     ) -> FilePage:
         sql = f"SELECT {_RECORD} FROM files WHERE owner IS NOT DISTINCT FROM ? AND {_LIVE}"
@@ -56,13 +55,14 @@ class SqlFiles:
             sql += " (SELECT position FROM files WHERE id = ? AND owner IS NOT DISTINCT FROM ?)"
             params += [after, owner]
         sql += f" ORDER BY position {'ASC' if order == 'asc' else 'DESC'} LIMIT ?"
-        rows = self._db.query(sql, (*params, limit + 1))
+        rows = await self._db.query(sql, (*params, limit + 1))
         return FilePage(files=[_record(row) for row in rows[:limit]], has_more=len(rows) > limit)
 
-    def delete_file(self, file_id: str, owner: str | None) -> bool:
-        with self._db.transaction() as db:
-            db.execute("DELETE FROM files WHERE id = ? AND owner IS NOT DISTINCT FROM ?", (file_id, owner))
-            return db.rowcount > 0
+    async def delete_file(self, file_id: str, owner: str | None) -> bool:
+        deleted = await self._db.write(
+            "DELETE FROM files WHERE id = ? AND owner IS NOT DISTINCT FROM ?", (file_id, owner)
+        )
+        return deleted > 0
 
 
 def _values(file: StoredFile) -> tuple[Any, ...]:

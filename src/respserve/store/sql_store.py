@@ -1,62 +1,85 @@
 """The store's logic, written once in the SQL both backends speak (SQLite and PostgreSQL).
 
 A backend (`sqlite.py`, `postgres.py`) owns the connection(s), the schema and its migrations, and
-translates placeholders; everything a request can do to the store is here. Items, resources and events
-are kept as JSON text; `owner` (the API key's owner, or NULL without keys) is compared with
-`IS NOT DISTINCT FROM`, so NULL matches NULL.
+translates placeholders; everything a request can do to the store is here. Each write is a transaction
+written as a coroutine over a `Cursor`, which the backend runs its own way (`atomically`): PostgreSQL on a
+pooled asyncio connection, SQLite whole on its thread. Items, resources and events are kept as JSON text;
+`owner` (the API key's owner, or NULL without keys) is compared with `IS NOT DISTINCT FROM`, so NULL
+matches NULL.
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
 
 from respserve.store.base import Channel, Item, ItemPage, Order, ResponseStore, StoredConversation, StoredImage
 from respserve.store.sql_files import SqlFiles
 
 _INPUT, _OUTPUT = 0, 1
 Row = tuple[Any, ...]
+T = TypeVar("T")
 
 
 class Cursor(Protocol):
-    """What a transaction hands out: DB-API's `execute`/`executemany`, with `?` placeholders."""
+    """DB-API's `execute`/`executemany`/`fetch*`, awaited, with `?` placeholders; each backend adapts its
+    driver's cursor to it. A transaction awaits nothing but these (and `notify_in`)."""
 
-    rowcount: int
+    @property
+    def rowcount(self) -> int: ...
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
 
-    def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> Any: ...
+    async def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> None: ...
 
-    def fetchone(self) -> Row | None: ...
+    async def fetchone(self) -> Row | None: ...
 
-    def fetchall(self) -> list[Row]: ...
+    async def fetchall(self) -> list[Row]: ...
+
+
+Transaction = Callable[[Cursor], Coroutine[Any, Any, T]]
 
 
 class SqlBackend(ABC):
     shared = False  # other processes use the same database
 
     @abstractmethod
-    def transaction(self) -> AbstractContextManager[Cursor]:
-        """A cursor inside one transaction: committed on leaving, rolled back on an exception."""
+    async def open(self) -> None:
+        """Connects and applies the migrations the schema lacks."""
 
     @abstractmethod
-    def notify_in(self, cursor: Cursor, channel: Channel, response_id: str) -> None:
+    async def atomically(self, work: Transaction[T]) -> T:
+        """Runs `work` in one transaction: committed when it returns, rolled back when it raises. Once
+        begun it runs to its end, even for a caller cancelled meanwhile (as a call on a thread did)."""
+
+    @abstractmethod
+    async def notify_in(self, cursor: Cursor, channel: Channel, response_id: str) -> None:
         """Queues a notification for the other processes, sent when `cursor`'s transaction commits."""
 
     @abstractmethod
-    def listen(self, callback: Callable[[Channel, str], None]) -> None:
-        """Starts delivering other processes' notifications to `callback`."""
+    async def listen(self, callback: Callable[[Channel, str], None]) -> None:
+        """Starts delivering other processes' notifications to `callback`, on the event loop."""
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        with self.transaction() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchall()
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        async def read(cursor: Cursor) -> list[Row]:
+            await cursor.execute(sql, params)
+            return await cursor.fetchall()
+
+        return await self.atomically(read)
+
+    async def write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One statement that returns no rows, in a transaction of its own; how many rows it changed."""
+
+        async def change(cursor: Cursor) -> int:
+            await cursor.execute(sql, params)
+            return cursor.rowcount
+
+        return await self.atomically(change)
 
     @abstractmethod
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class SqlResponseStore(SqlFiles, ResponseStore):
@@ -64,11 +87,15 @@ class SqlResponseStore(SqlFiles, ResponseStore):
         self._db = backend
         self.shared = backend.shared
 
+    async def open(self) -> None:
+        await self._db.open()
+
     # ---- responses --------------------------------------------------------------------------------------
-    def save_response(self, resource: dict[str, Any], input_items: list[Item] | None, owner: str | None) -> None:
+    async def save_response(self, resource: dict[str, Any], input_items: list[Item] | None, owner: str | None) -> None:
         response_id = resource["id"]
-        with self._db.transaction() as db:
-            db.execute(
+
+        async def save(db: Cursor) -> None:
+            await db.execute(
                 "INSERT INTO responses (id, owner, previous_response_id, status, created_at, resource)"
                 " VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET status = excluded.status, resource = excluded.resource",
@@ -82,37 +109,43 @@ class SqlResponseStore(SqlFiles, ResponseStore):
                 ),
             )
             if input_items is not None:
-                _replace_items(db, response_id, _INPUT, input_items)
-            _replace_items(db, response_id, _OUTPUT, resource.get("output") or [])
+                await _replace_items(db, response_id, _INPUT, input_items)
+            await _replace_items(db, response_id, _OUTPUT, resource.get("output") or [])
 
-    def get_response(self, response_id: str, owner: str | None) -> dict[str, Any] | None:
-        rows = self._db.query(
+        await self._db.atomically(save)
+
+    async def get_response(self, response_id: str, owner: str | None) -> dict[str, Any] | None:
+        rows = await self._db.query(
             "SELECT resource FROM responses WHERE id = ? AND owner IS NOT DISTINCT FROM ?", (response_id, owner)
         )
         return json.loads(rows[0][0]) if rows else None
 
-    def delete_response(self, response_id: str, owner: str | None) -> bool:
-        with self._db.transaction() as db:
-            db.execute("DELETE FROM responses WHERE id = ? AND owner IS NOT DISTINCT FROM ?", (response_id, owner))
-            deleted = db.rowcount
-            if deleted:
-                db.execute("DELETE FROM images WHERE response_id = ?", (response_id,))
-            return deleted > 0
+    async def delete_response(self, response_id: str, owner: str | None) -> bool:
+        async def delete(db: Cursor) -> bool:
+            await db.execute(
+                "DELETE FROM responses WHERE id = ? AND owner IS NOT DISTINCT FROM ?", (response_id, owner)
+            )
+            if db.rowcount == 0:
+                return False
+            await db.execute("DELETE FROM images WHERE response_id = ?", (response_id,))
+            return True
 
-    def list_input_items(
+        return await self._db.atomically(delete)
+
+    async def list_input_items(
         self, response_id: str, owner: str | None, limit: int, order: Order, after: str | None
     ) -> ItemPage | None:
-        if self.get_response(response_id, owner) is None:
+        if await self.get_response(response_id, owner) is None:
             return None
-        rows = self._db.query(
+        rows = await self._db.query(
             "SELECT position, item_id, item FROM response_items WHERE response_id = ? AND kind = ? ORDER BY position",
             (response_id, _INPUT),
         )
         return _page(rows, limit, order, after)
 
-    def chain_items(self, response_id: str, owner: str | None) -> list[Item] | None:
+    async def chain_items(self, response_id: str, owner: str | None) -> list[Item] | None:
         # One recursive query walks the whole chain, however long it is.
-        rows = self._db.query(
+        rows = await self._db.query(
             """
             WITH RECURSIVE chain (id, previous, depth) AS (
                 SELECT id, previous_response_id, 0 FROM responses
@@ -131,58 +164,63 @@ class SqlResponseStore(SqlFiles, ResponseStore):
             return None
         return [json.loads(item) for _, item in rows if item is not None]
 
-    def fail_unfinished(self, message: str) -> int:
-        return self._fail_where("", (), message)
+    async def fail_unfinished(self, message: str) -> int:
+        return await self._fail_where("", (), message)
 
-    def renew_leases(self, replica: str, response_ids: list[str], expires_at: int) -> None:
+    async def renew_leases(self, replica: str, response_ids: list[str], expires_at: int) -> None:
         if not response_ids:
             return
         marks = ", ".join("?" for _ in response_ids)
-        with self._db.transaction() as db:
-            db.execute(
-                f"UPDATE responses SET replica = ?, lease_expires = ? WHERE id IN ({marks})"
-                " AND status IN ('queued', 'in_progress')",
-                (replica, expires_at, *response_ids),
-            )
+        await self._db.write(
+            f"UPDATE responses SET replica = ?, lease_expires = ? WHERE id IN ({marks})"
+            " AND status IN ('queued', 'in_progress')",
+            (replica, expires_at, *response_ids),
+        )
 
-    def fail_expired(self, now: int, unleased_before: int, message: str) -> int:
+    async def fail_expired(self, now: int, unleased_before: int, message: str) -> int:
         where = " AND (lease_expires < ? OR (lease_expires IS NULL AND created_at < ?))"
-        return self._fail_where(where, (now, unleased_before), message)
+        return await self._fail_where(where, (now, unleased_before), message)
 
-    def _fail_where(self, condition: str, params: tuple[Any, ...], message: str) -> int:
-        with self._db.transaction() as db:
-            db.execute(
+    async def _fail_where(self, condition: str, params: tuple[Any, ...], message: str) -> int:
+        async def fail(db: Cursor) -> int:
+            await db.execute(
                 "SELECT id, resource FROM responses WHERE status IN ('queued', 'in_progress')" + condition, params
             )
-            unfinished = db.fetchall()
+            unfinished = await db.fetchall()
             for response_id, text in unfinished:
                 resource = {**json.loads(text), "status": "failed"}
                 resource["error"] = {"code": "server_error", "message": message}
-                db.execute(
+                await db.execute(
                     "UPDATE responses SET status = 'failed', resource = ? WHERE id = ?",
                     (json.dumps(resource), response_id),
                 )
             return len(unfinished)
 
+        return await self._db.atomically(fail)
+
     # ---- stream events ---------------------------------------------------------------------------------
-    def append_events(self, response_id: str, events: list[tuple[int, str]]) -> None:
-        with self._db.transaction() as db:
-            db.executemany(
+    async def append_events(self, response_id: str, events: list[tuple[int, str]]) -> None:
+        async def append(db: Cursor) -> None:
+            await db.executemany(
                 "INSERT INTO response_events (response_id, sequence_number, event) VALUES (?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
                 [(response_id, number, event) for number, event in events],
             )
-            self._db.notify_in(db, "events", response_id)  # delivered with the commit
+            await self._db.notify_in(db, "events", response_id)  # delivered with the commit
 
-    def notify(self, channel: Channel, response_id: str) -> None:
-        with self._db.transaction() as db:
-            self._db.notify_in(db, channel, response_id)
+        await self._db.atomically(append)
 
-    def listen(self, callback: Callable[[Channel, str], None]) -> None:
-        self._db.listen(callback)
+    async def notify(self, channel: Channel, response_id: str) -> None:
+        async def send(db: Cursor) -> None:
+            await self._db.notify_in(db, channel, response_id)
 
-    def events_after(self, response_id: str, sequence_number: int) -> list[tuple[int, str]]:
-        rows = self._db.query(
+        await self._db.atomically(send)
+
+    async def listen(self, callback: Callable[[Channel, str], None]) -> None:
+        await self._db.listen(callback)
+
+    async def events_after(self, response_id: str, sequence_number: int) -> list[tuple[int, str]]:
+        rows = await self._db.query(
             "SELECT sequence_number, event FROM response_events"
             " WHERE response_id = ? AND sequence_number > ? ORDER BY sequence_number",
             (response_id, sequence_number),
@@ -190,16 +228,18 @@ class SqlResponseStore(SqlFiles, ResponseStore):
         return [(number, event) for number, event in rows]
 
     # ---- conversations ---------------------------------------------------------------------------------
-    def create_conversation(self, conversation: StoredConversation, items: list[Item], owner: str | None) -> None:
-        with self._db.transaction() as db:
-            db.execute(
+    async def create_conversation(self, conversation: StoredConversation, items: list[Item], owner: str | None) -> None:
+        async def create(db: Cursor) -> None:
+            await db.execute(
                 "INSERT INTO conversations (id, owner, created_at, metadata) VALUES (?, ?, ?, ?)",
                 (conversation.id, owner, conversation.created_at, json.dumps(conversation.metadata)),
             )
-            _insert_conversation_items(db, conversation.id, items)
+            await _insert_conversation_items(db, conversation.id, items)
 
-    def get_conversation(self, conversation_id: str, owner: str | None) -> StoredConversation | None:
-        rows = self._db.query(
+        await self._db.atomically(create)
+
+    async def get_conversation(self, conversation_id: str, owner: str | None) -> StoredConversation | None:
+        rows = await self._db.query(
             "SELECT id, created_at, metadata FROM conversations WHERE id = ? AND owner IS NOT DISTINCT FROM ?",
             (conversation_id, owner),
         )
@@ -207,75 +247,73 @@ class SqlResponseStore(SqlFiles, ResponseStore):
             return None
         return StoredConversation(id=rows[0][0], created_at=rows[0][1], metadata=json.loads(rows[0][2]))
 
-    def update_conversation(
+    async def update_conversation(
         self, conversation_id: str, metadata: dict[str, str], owner: str | None
     ) -> StoredConversation | None:
-        with self._db.transaction() as db:
-            db.execute(
-                "UPDATE conversations SET metadata = ? WHERE id = ? AND owner IS NOT DISTINCT FROM ?",
-                (json.dumps(metadata), conversation_id, owner),
-            )
-        return self.get_conversation(conversation_id, owner)
+        await self._db.write(
+            "UPDATE conversations SET metadata = ? WHERE id = ? AND owner IS NOT DISTINCT FROM ?",
+            (json.dumps(metadata), conversation_id, owner),
+        )
+        return await self.get_conversation(conversation_id, owner)
 
-    def delete_conversation(self, conversation_id: str, owner: str | None) -> bool:
-        with self._db.transaction() as db:
-            db.execute(
-                "DELETE FROM conversations WHERE id = ? AND owner IS NOT DISTINCT FROM ?", (conversation_id, owner)
-            )
-            return db.rowcount > 0
+    async def delete_conversation(self, conversation_id: str, owner: str | None) -> bool:
+        deleted = await self._db.write(
+            "DELETE FROM conversations WHERE id = ? AND owner IS NOT DISTINCT FROM ?", (conversation_id, owner)
+        )
+        return deleted > 0
 
-    def add_conversation_items(self, conversation_id: str, items: list[Item], owner: str | None) -> bool:
-        with self._db.transaction() as db:
-            db.execute(
+    async def add_conversation_items(self, conversation_id: str, items: list[Item], owner: str | None) -> bool:
+        async def add(db: Cursor) -> bool:
+            await db.execute(
                 "SELECT 1 FROM conversations WHERE id = ? AND owner IS NOT DISTINCT FROM ?", (conversation_id, owner)
             )
-            if db.fetchone() is None:
+            if await db.fetchone() is None:
                 return False
-            _insert_conversation_items(db, conversation_id, items)
+            await _insert_conversation_items(db, conversation_id, items)
             return True
 
-    def list_conversation_items(
+        return await self._db.atomically(add)
+
+    async def list_conversation_items(
         self, conversation_id: str, owner: str | None, limit: int, order: Order, after: str | None
     ) -> ItemPage | None:
-        if self.get_conversation(conversation_id, owner) is None:
+        if await self.get_conversation(conversation_id, owner) is None:
             return None
-        rows = self._db.query(
+        rows = await self._db.query(
             "SELECT position, item_id, item FROM conversation_items WHERE conversation_id = ? ORDER BY position",
             (conversation_id,),
         )
         return _page(rows, limit, order, after)
 
-    def all_conversation_items(self, conversation_id: str, owner: str | None) -> list[Item] | None:
-        page = self.list_conversation_items(conversation_id, owner, limit=-1, order="asc", after=None)
+    async def all_conversation_items(self, conversation_id: str, owner: str | None) -> list[Item] | None:
+        page = await self.list_conversation_items(conversation_id, owner, limit=-1, order="asc", after=None)
         return None if page is None else page.items
 
-    def get_conversation_item(self, conversation_id: str, item_id: str, owner: str | None) -> Item | None:
-        rows = self._db.query(
+    async def get_conversation_item(self, conversation_id: str, item_id: str, owner: str | None) -> Item | None:
+        rows = await self._db.query(
             "SELECT i.item FROM conversation_items i JOIN conversations c ON c.id = i.conversation_id"
             " WHERE i.conversation_id = ? AND i.item_id = ? AND c.owner IS NOT DISTINCT FROM ?",
             (conversation_id, item_id, owner),
         )
         return json.loads(rows[0][0]) if rows else None
 
-    def delete_conversation_item(self, conversation_id: str, item_id: str, owner: str | None) -> bool:
-        with self._db.transaction() as db:
-            db.execute(
-                "DELETE FROM conversation_items WHERE conversation_id = ? AND item_id = ? AND conversation_id IN"
-                " (SELECT id FROM conversations WHERE owner IS NOT DISTINCT FROM ?)",
-                (conversation_id, item_id, owner),
-            )
-            return db.rowcount > 0
+    async def delete_conversation_item(self, conversation_id: str, item_id: str, owner: str | None) -> bool:
+        deleted = await self._db.write(
+            "DELETE FROM conversation_items WHERE conversation_id = ? AND item_id = ? AND conversation_id IN"
+            " (SELECT id FROM conversations WHERE owner IS NOT DISTINCT FROM ?)",
+            (conversation_id, item_id, owner),
+        )
+        return deleted > 0
 
     # ---- images --------------------------------------------------------------------------------------------
-    def save_image(self, image: StoredImage, owner: str | None) -> None:
-        with self._db.transaction() as db:
-            db.execute(
-                "INSERT INTO images (id, response_id, owner, media_type, data) VALUES (?, ?, ?, ?, ?)",
-                (image.id, image.response_id, owner, image.media_type, image.data),
-            )
+    async def save_image(self, image: StoredImage, owner: str | None) -> None:
+        await self._db.write(
+            "INSERT INTO images (id, response_id, owner, media_type, data) VALUES (?, ?, ?, ?, ?)",
+            (image.id, image.response_id, owner, image.media_type, image.data),
+        )
 
-    def get_image(self, image_id: str, owner: str | None) -> StoredImage | None:
-        rows = self._db.query(
+    async def get_image(self, image_id: str, owner: str | None) -> StoredImage | None:
+        rows = await self._db.query(
             "SELECT id, response_id, media_type, data FROM images WHERE id = ? AND owner IS NOT DISTINCT FROM ?",
             (image_id, owner),
         )
@@ -284,22 +322,22 @@ class SqlResponseStore(SqlFiles, ResponseStore):
         image_id, response_id, media_type, data = rows[0]
         return StoredImage(id=image_id, response_id=response_id, media_type=media_type, data=bytes(data))
 
-    def close(self) -> None:
-        self._db.close()
+    async def close(self) -> None:
+        await self._db.close()
 
 
-def _replace_items(db: Cursor, response_id: str, kind: int, items: list[Item]) -> None:
-    db.execute("DELETE FROM response_items WHERE response_id = ? AND kind = ?", (response_id, kind))
+async def _replace_items(db: Cursor, response_id: str, kind: int, items: list[Item]) -> None:
+    await db.execute("DELETE FROM response_items WHERE response_id = ? AND kind = ?", (response_id, kind))
     if items:
-        db.executemany(
+        await db.executemany(
             "INSERT INTO response_items (response_id, kind, position, item_id, item) VALUES (?, ?, ?, ?, ?)",
             [(response_id, kind, index, item.get("id", ""), json.dumps(item)) for index, item in enumerate(items)],
         )
 
 
-def _insert_conversation_items(db: Cursor, conversation_id: str, items: list[Item]) -> None:
+async def _insert_conversation_items(db: Cursor, conversation_id: str, items: list[Item]) -> None:
     if items:
-        db.executemany(
+        await db.executemany(
             "INSERT INTO conversation_items (conversation_id, item_id, item) VALUES (?, ?, ?)",
             [(conversation_id, item["id"], json.dumps(item)) for item in items],
         )

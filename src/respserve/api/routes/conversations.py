@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -36,7 +35,7 @@ def _wire(conversation: StoredConversation) -> Conversation:
 
 
 async def _conversation(state: AppState, conversation_id: str, owner: str | None) -> StoredConversation:
-    conversation = await asyncio.to_thread(state.store.get_conversation, conversation_id, owner)
+    conversation = await state.store.get_conversation(conversation_id, owner)
     if conversation is None:
         raise _not_found(conversation_id)
     return conversation
@@ -46,7 +45,7 @@ async def _conversation(state: AppState, conversation_id: str, owner: str | None
 async def create_conversation(body: CreateConversationRequest, state: StateDep, owner: Owner) -> Conversation:
     conversation = StoredConversation(id=new_id("conv"), created_at=int(time.time()), metadata=body.metadata or {})
     items = stored_input_items(body.items or [])
-    await asyncio.to_thread(state.store.create_conversation, conversation, items, owner)
+    await state.store.create_conversation(conversation, items, owner)
     return _wire(conversation)
 
 
@@ -59,7 +58,7 @@ async def retrieve_conversation(conversation_id: str, state: StateDep, owner: Ow
 async def update_conversation(
     conversation_id: str, body: UpdateConversationRequest, state: StateDep, owner: Owner
 ) -> Conversation:
-    conversation = await asyncio.to_thread(state.store.update_conversation, conversation_id, body.metadata, owner)
+    conversation = await state.store.update_conversation(conversation_id, body.metadata, owner)
     if conversation is None:
         raise _not_found(conversation_id)
     return _wire(conversation)
@@ -67,7 +66,7 @@ async def update_conversation(
 
 @router.delete("/v1/conversations/{conversation_id}")
 async def delete_conversation(conversation_id: str, state: StateDep, owner: Owner) -> ConversationDeleted:
-    if not await asyncio.to_thread(state.store.delete_conversation, conversation_id, owner):
+    if not await state.store.delete_conversation(conversation_id, owner):
         raise _not_found(conversation_id)
     return ConversationDeleted(id=conversation_id)
 
@@ -75,7 +74,7 @@ async def delete_conversation(conversation_id: str, state: StateDep, owner: Owne
 @router.post("/v1/conversations/{conversation_id}/items")
 async def add_items(conversation_id: str, body: AddConversationItemsRequest, state: StateDep, owner: Owner) -> ItemList:
     items = stored_input_items(body.items)
-    if not await asyncio.to_thread(state.store.add_conversation_items, conversation_id, items, owner):
+    if not await state.store.add_conversation_items(conversation_id, items, owner):
         raise _not_found(conversation_id)
     return ItemList.of(items, has_more=False)
 
@@ -90,7 +89,7 @@ async def list_items(
     after: str | None = None,
     include: Include = None,
 ) -> ItemList:
-    page = await asyncio.to_thread(state.store.list_conversation_items, conversation_id, owner, limit, order, after)
+    page = await state.store.list_conversation_items(conversation_id, owner, limit, order, after)
     if page is None:
         raise _not_found(conversation_id)
     return ItemList.of(page.items, page.has_more)
@@ -99,7 +98,7 @@ async def list_items(
 @router.get("/v1/conversations/{conversation_id}/items/{item_id}")
 async def retrieve_item(conversation_id: str, item_id: str, state: StateDep, owner: Owner) -> dict[str, Any]:
     await _conversation(state, conversation_id, owner)
-    item = await asyncio.to_thread(state.store.get_conversation_item, conversation_id, item_id, owner)
+    item = await state.store.get_conversation_item(conversation_id, item_id, owner)
     if item is None:
         raise NotFoundError(f"Item with id '{item_id}' not found.", param="item_id")
     return item
@@ -108,6 +107,6 @@ async def retrieve_item(conversation_id: str, item_id: str, state: StateDep, own
 @router.delete("/v1/conversations/{conversation_id}/items/{item_id}")
 async def delete_item(conversation_id: str, item_id: str, state: StateDep, owner: Owner) -> Conversation:
     conversation = await _conversation(state, conversation_id, owner)
-    if not await asyncio.to_thread(state.store.delete_conversation_item, conversation_id, item_id, owner):
+    if not await state.store.delete_conversation_item(conversation_id, item_id, owner):
         raise NotFoundError(f"Item with id '{item_id}' not found.", param="item_id")
     return _wire(conversation)

@@ -6,7 +6,6 @@ Files belong to the API key that uploaded them, as responses do. They are read w
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, get_args
 from urllib.parse import quote
@@ -71,7 +70,7 @@ async def upload_file(
     if purpose == "vision" and not kind.startswith("image/"):
         raise InvalidRequestError(f"A 'vision' file must be an image; this one is {kind}.", param="file")
     stored = StoredFile(new_file_id(), filename, purpose, kind, len(data), created_at, expires_at)
-    await asyncio.to_thread(state.store.save_file, stored, data, owner)
+    await state.store.save_file(stored, data, owner)
     return _wire(stored)
 
 
@@ -97,7 +96,7 @@ async def list_files(
     order: Order = "desc",
     after: str | None = None,
 ) -> FileList:
-    page = await asyncio.to_thread(state.store.list_files, owner, purpose, limit, order, after)
+    page = await state.store.list_files(owner, purpose, limit, order, after)
     files = [_wire(file) for file in page.files]
     return FileList(
         data=files,
@@ -109,7 +108,7 @@ async def list_files(
 
 @router.get("/v1/files/{file_id}")
 async def retrieve_file(file_id: str, state: StateDep, owner: Owner) -> FileObject:
-    file = await asyncio.to_thread(state.store.get_file, file_id, owner)
+    file = await state.store.get_file(file_id, owner)
     if file is None:
         raise _not_found(file_id)
     return _wire(file)
@@ -117,14 +116,14 @@ async def retrieve_file(file_id: str, state: StateDep, owner: Owner) -> FileObje
 
 @router.delete("/v1/files/{file_id}")
 async def delete_file(file_id: str, state: StateDep, owner: Owner) -> FileDeleted:
-    if not await asyncio.to_thread(state.store.delete_file, file_id, owner):
+    if not await state.store.delete_file(file_id, owner):
         raise _not_found(file_id)
     return FileDeleted(id=file_id)
 
 
 @router.get("/v1/files/{file_id}/content")
 async def file_content(file_id: str, state: StateDep, owner: Owner) -> Response:
-    stored = await asyncio.to_thread(state.store.read_file, file_id, owner)
+    stored = await state.store.read_file(file_id, owner)
     if stored is None:
         raise _not_found(file_id)
     file, data = stored

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter
 from fastapi.responses import Response
 
@@ -16,7 +14,7 @@ router = APIRouter()
 
 @router.get("/v1/images/{image_id}/content")
 async def image_content(image_id: str, state: StateDep, owner: Owner) -> Response:
-    image = await asyncio.to_thread(state.store.get_image, image_id, owner)
+    image = await state.store.get_image(image_id, owner)
     if image is None:
         raise NotFoundError(f"Image with id '{image_id}' not found.", param="image_id")
     # Generated once and never changed: clients and proxies may keep it.

@@ -241,7 +241,7 @@ async def _disconnected(http_request: Request) -> None:
 
 
 async def _stored(state: AppState, response_id: str, owner: str | None) -> dict[str, Any]:
-    resource = await asyncio.to_thread(state.store.get_response, response_id, owner)
+    resource = await state.store.get_response(response_id, owner)
     if resource is None:
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
     return resource
@@ -268,7 +268,7 @@ async def retrieve_response(
 async def delete_response(response_id: str, state: StateDep, owner: Owner) -> ResponseDeleted:
     await _stored(state, response_id, owner)  # another owner's response does not exist for this caller
     await state.background.cancel(response_id, owner)
-    if not await asyncio.to_thread(state.store.delete_response, response_id, owner):
+    if not await state.store.delete_response(response_id, owner):
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
     return ResponseDeleted(id=response_id)
 
@@ -293,7 +293,7 @@ async def list_input_items(
     after: str | None = None,
     include: Include = None,
 ) -> ItemList:
-    page = await asyncio.to_thread(state.store.list_input_items, response_id, owner, limit, order, after)
+    page = await state.store.list_input_items(response_id, owner, limit, order, after)
     if page is None:
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
     return ItemList.of(page.items, page.has_more)
