@@ -44,6 +44,9 @@ class WorkerLimits:
     max_prefill_tokens: int = 512  # prompt tokens prefilled per step, beside the decode tokens
     kv_cache_memory: str = "auto"  # the KV pool's size (kv_cache.kv_budget_bytes)
     block_size: int = 16  # token slots per KV block
+    # Small steps leave a core free (cpu_threads.py). torch's thread count is the whole process's, so not
+    # when image pipelines run in the same process.
+    spare_a_core: bool = True
 
 
 class PipelineWorker(WorkerThread[GenerationRequest]):
@@ -63,7 +66,7 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
         if peers is not None:
             peers.share_pool_size(num_blocks, size)
         self._runner = ModelRunner(pipeline.model, self.kv_cache, pipeline.device, peers)
-        self._threads = CpuThreads(pipeline.device, spare_a_core=peers is None)
+        self._threads = CpuThreads(pipeline.device, spare_a_core=self.limits.spare_a_core and peers is None)
         self.scheduler = self._new_scheduler()
         # A prompt must leave room in the pool for at least one output token.
         pipeline.context_length = min(pipeline.context_length, (num_blocks - 1) * size - 1)
