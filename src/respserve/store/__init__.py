@@ -1,8 +1,8 @@
 """State that outlives a request: stored responses, their items and events, conversations, images, files.
 
 Everything outside this package talks to `ResponseStore`, obtained from `open_store`. The logic is written
-once (sql_store.py, and sql_files.py for files) over two backends: SQLite, embedded (the default), and
-PostgreSQL, which several replicas share.
+once (sql_store.py; sql_conversations.py and sql_files.py for conversations and files) over two backends:
+SQLite, embedded (the default), and PostgreSQL, which several replicas share.
 """
 
 from __future__ import annotations
