@@ -20,13 +20,20 @@ from respserve.api.response_events import ResponseEvents
 from respserve.engine.generation import GenerationOutput
 from respserve.engine.image_encoding import MEDIA_TYPES
 from respserve.engine.request_queue import OutputStream
-from respserve.protocol.events import StreamEvent
+from respserve.protocol.events import (
+    ResponseCompletedEvent,
+    ResponseFailedEvent,
+    ResponseIncompleteEvent,
+    StreamEvent,
+)
 from respserve.protocol.response import ResponseError, ResponseStatus
 from respserve.store.base import ResponseStore, StoredImage
 
 if TYPE_CHECKING:
     from respserve.api.leases import LeaseKeeper
     from respserve.api.mcp import McpSession
+
+_TERMINAL_EVENTS = (ResponseCompletedEvent, ResponseIncompleteEvent, ResponseFailedEvent)
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,9 @@ class ResponseRunner:
                     finished = [] if outputs is not None else self.converter.finish()
                     for event in await self._recorded(between + finished):
                         yield event
-            self._finished = True
-            await self._save_final()
+            if not self._finished:  # (normally saved already, before its terminal event)
+                self._finished = True
+                await self._save_final()
         finally:
             if not self._finished:
                 # Interrupted (disconnect, cancel, shutdown). A stream whose client left runs this inside a
@@ -133,6 +141,12 @@ class ResponseRunner:
             await persistence.store.save_image(stored, persistence.owner)
 
     async def _recorded(self, events: list[StreamEvent]) -> list[StreamEvent]:
+        """Records the events for stream resumption. Before a terminal event goes anywhere, the final
+        resource is saved: a client (or a follower on another replica) that saw the response end can always
+        read it back, even if this process dies the moment after."""
+        if not self._finished and any(isinstance(event, _TERMINAL_EVENTS) for event in events):
+            self._finished = True
+            await self._save_final()
         persistence = self._persistence
         if persistence and persistence.record_events and events:
             rows = [(event.sequence_number, event.to_wire_json()) for event in events]
