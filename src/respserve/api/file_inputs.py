@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from typing import Any
 
 from respserve.api.errors import APIError, InvalidRequestError, NotFoundError
 from respserve.api.file_contents import FileImage, FileLimits, UnreadableFile, read_file_content
 from respserve.api.image_inputs import inline_image, read_input_images
+from respserve.api.input_parts import replace_parts
 from respserve.api.state import AppState
 from respserve.protocol.content import InputFile, InputImage, InputText
 from respserve.protocol.items import InputItem
@@ -53,15 +53,7 @@ class _FileReader:
 
     async def item(self, item: InputItem, param: str) -> InputItem:
         """The item with its file parts read: a message's `content`, a tool output's `output`."""
-        update: dict[str, Any] = {}
-        for field in ("content", "output"):
-            parts = getattr(item, field, None)
-            if isinstance(parts, list) and any(isinstance(part, InputFile) for part in parts):
-                update[field] = [
-                    await self.part(part, f"{param}.{field}[{index}]") if isinstance(part, InputFile) else part
-                    for index, part in enumerate(parts)
-                ]
-        return item.model_copy(update=update) if update else item
+        return await replace_parts(item, InputFile, self.part, param)
 
     async def part(self, part: InputFile, param: str) -> InputText | InputImage:
         given = [source for source in _SOURCES if getattr(part, source) is not None]

@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import base64
 from dataclasses import dataclass
-from typing import Any
 
 from respserve.api.errors import APIError, InvalidRequestError, NotFoundError
 from respserve.api.file_contents import media_type
 from respserve.api.image_decoding import UndecodableImage, data_url_bytes, decode_image
 from respserve.api.image_urls import ImageUrlRefused, UrlPolicy, fetch_image_url
+from respserve.api.input_parts import replace_parts
 from respserve.api.state import AppState, ServedModel
 from respserve.config import Settings
 from respserve.engine.generation import PromptImage
@@ -96,15 +96,7 @@ class _ImageSources:
 
     async def item(self, item: InputItem, param: str) -> InputItem:
         """The item with its image parts self-contained: a message's `content`, a tool output's `output`."""
-        update: dict[str, Any] = {}
-        for field in ("content", "output"):
-            parts = getattr(item, field, None)
-            if isinstance(parts, list) and any(isinstance(part, InputImage) for part in parts):
-                update[field] = [
-                    await self.part(part, f"{param}.{field}[{index}]") if isinstance(part, InputImage) else part
-                    for index, part in enumerate(parts)
-                ]
-        return item.model_copy(update=update) if update else item
+        return await replace_parts(item, InputImage, self.part, param)
 
     async def part(self, part: InputImage, param: str) -> InputImage:
         if (part.image_url is None) == (part.file_id is None):
