@@ -101,12 +101,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestResult:
-    body = {"model": model, "input": prompt, "stream": True, "temperature": 0, "max_output_tokens": max_tokens}
+async def stream_response(client: httpx.AsyncClient, body: dict) -> tuple[float, list[float], dict]:
+    """POSTs `body` as a streamed response: when it was sent, when each text delta arrived, and the final
+    resource (from response.completed, or response.incomplete when max tokens cut it; {} if neither came)."""
     started = time.perf_counter()
     arrivals: list[float] = []
-    output_tokens = 0
-    async with client.stream("POST", "/v1/responses", json=body) as response:
+    final: dict = {}
+    async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -115,9 +116,15 @@ async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tok
             if event["type"] == "response.output_text.delta":
                 arrivals.append(time.perf_counter())
             elif event["type"] in ("response.completed", "response.incomplete"):
-                usage = event["response"].get("usage") or {}
-                output_tokens = usage.get("output_tokens") or len(arrivals)
+                final = event["response"]
+    return started, arrivals, final
+
+
+async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestResult:
+    body = {"model": model, "input": prompt, "temperature": 0, "max_output_tokens": max_tokens}
+    started, arrivals, final = await stream_response(client, body)
     finished = time.perf_counter()
+    output_tokens = (final.get("usage") or {}).get("output_tokens") or len(arrivals)
     ttft = (arrivals[0] if arrivals else finished) - started
     gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
     return RequestResult(ttft=ttft, latency=finished - started, output_tokens=output_tokens, inter_token=gaps)

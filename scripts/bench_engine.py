@@ -18,12 +18,12 @@ import asyncio
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench import stream_response  # noqa: E402
 from bench_peers import ServerProcess  # noqa: E402
 
 HISTORY = " ".join(
@@ -37,24 +37,11 @@ TURNS = [
 
 async def stream(client: httpx.AsyncClient, body: dict, gaps: list[float] | None = None) -> dict:
     """Streams one response; returns its TTFT, id and usage, appending inter-token gaps to `gaps`."""
-    started = time.perf_counter()
-    ttft, last, completed = None, None, {}
-    async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: ") :])
-            if event["type"] == "response.output_text.delta":
-                now = time.perf_counter()
-                if ttft is None:
-                    ttft = now - started
-                elif gaps is not None and last is not None:
-                    gaps.append(now - last)
-                last = now
-            elif event["type"] in ("response.completed", "response.incomplete"):  # incomplete: max tokens
-                completed = event["response"]
-    return {"ttft": ttft, "id": completed.get("id"), "usage": completed.get("usage", {})}
+    started, arrivals, final = await stream_response(client, body)
+    if gaps is not None:
+        gaps.extend(later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False))
+    ttft = arrivals[0] - started if arrivals else None
+    return {"ttft": ttft, "id": final.get("id"), "usage": final.get("usage", {})}
 
 
 async def chain(client: httpx.AsyncClient, model: str) -> dict:
