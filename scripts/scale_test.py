@@ -29,13 +29,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import POSTGRES_URL  # noqa: E402
+from conftest import POSTGRES_URL, fresh_schema  # noqa: E402
 from scale_load import LoadRun, Tally, percentile, start_replicas  # noqa: E402
 
 STARTED = time.monotonic()
@@ -57,24 +55,6 @@ class Report:
         finished = len(self.tally.finished)
         settled = self.stuck == 0 and self.left_after_run == 0
         return self.survivor_5xx == 0 and finished > 0 and self.retrievable == finished and settled
-
-
-@contextmanager
-def fresh_schema(admin_url: str) -> Iterator[str]:
-    """A new schema in `admin_url`'s database for this run, dropped after it, as a store URL (the same
-    recipe as the tests' `postgres_url` fixture, which a script cannot call)."""
-    import uuid
-
-    import psycopg
-
-    schema = f"respserve_scale_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-        separator = "&" if "?" in admin_url else "?"
-        try:
-            yield f"{admin_url}{separator}options=-csearch_path%3D{schema}"
-        finally:
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def check_postgres(store_url: str, data_root: Path, args: argparse.Namespace) -> Report:
@@ -187,7 +167,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="respserve-scale-") as root, fresh_schema(args.postgres) as store:
+    with (
+        tempfile.TemporaryDirectory(prefix="respserve-scale-") as root,
+        fresh_schema(args.postgres, "respserve_scale") as store,
+    ):
         report = asyncio.run(check_postgres(store, Path(root) / "postgres", args))
         sqlite = asyncio.run(check_sqlite(Path(root) / "sqlite", args)) if args.sqlite_seconds > 0 else None
     print_report(report, args, sqlite)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -238,28 +239,38 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 POSTGRES_URL = os.environ.get("RESPSERVE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh schema in the machine's PostgreSQL for this run (dropped after it), as a store URL. In CI a
-    missing server fails the tests that need it; elsewhere they skip."""
+@contextlib.contextmanager
+def fresh_schema(admin_url: str, prefix: str = "respserve_test") -> Iterator[str]:
+    """A new schema in `admin_url`'s database, dropped afterwards, as a store URL whose search_path is it.
+    Raises psycopg.OperationalError when the server cannot be reached."""
     import uuid
 
     import psycopg
 
-    try:
-        admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is needed at {POSTGRES_URL}: {exc}")
-        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}")
-    schema = f"respserve_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f"CREATE SCHEMA {schema}")
-    separator = "&" if "?" in POSTGRES_URL else "?"
-    try:
-        yield f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"
-    finally:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        admin.close()
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        separator = "&" if "?" in admin_url else "?"
+        try:
+            yield f"{admin_url}{separator}options=-csearch_path%3D{schema}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh schema in the machine's PostgreSQL for this run (dropped after it), as a store URL. In CI a
+    missing server fails the tests that need it; elsewhere they skip."""
+    import psycopg
+
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(fresh_schema(POSTGRES_URL))
+        except psycopg.OperationalError as exc:
+            if os.environ.get("CI"):
+                pytest.fail(f"PostgreSQL is needed at {POSTGRES_URL}: {exc}")
+            pytest.skip(f"no PostgreSQL at {POSTGRES_URL}")
+        yield url
 
 
 def sdk_client(server: RunningServer, api_key: str = "test") -> openai.OpenAI:
