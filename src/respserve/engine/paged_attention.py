@@ -68,20 +68,21 @@ def build_step_layout(
 ) -> StepLayout:
     """`spans[i]` = positions [start, end) of sequence i computed this step, its blocks `block_tables[i]`."""
     offsets = torch.arange(block_size)
-    slot_mapping: list[torch.Tensor] = []
+    slot_mapping: list[int] = []
     rows: list[int] = []
     row_tables: list[list[int]] = []
     row_lengths: list[int] = []
     chunks: list[PrefillChunk] = []
     flat = 0
     for table, (start, end) in zip(block_tables, spans, strict=True):
-        slots = (torch.tensor(table)[:, None] * block_size + offsets).reshape(-1)[:end]
-        slot_mapping.append(slots[start:end])
-        if end - start == 1:
+        if end - start == 1:  # its one slot; the slots it reads are gathered below, with the other rows'
+            slot_mapping.append(table[start // block_size] * block_size + start % block_size)
             rows.append(flat)
             row_tables.append(table)
             row_lengths.append(end)
         else:
+            slots = (torch.tensor(table)[:, None] * block_size + offsets).reshape(-1)[:end]
+            slot_mapping.extend(slots[start:end].tolist())
             chunks.append(PrefillChunk(flat, flat + end - start, slots.to(device), start))
         flat += end - start
     longest = max(row_lengths, default=0)
@@ -95,7 +96,7 @@ def build_step_layout(
     # a zero attention weight would still turn into NaN): read the zero block there instead.
     single_slots = torch.where(torch.arange(longest) < lengths[:, None], slots, NULL_BLOCK * block_size)
     return StepLayout(
-        slot_mapping=torch.cat(slot_mapping).to(device),
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
         single_rows=torch.tensor(rows, dtype=torch.long, device=device),
         single_slots=single_slots.to(device),
         single_lengths=lengths.to(device),
@@ -121,22 +122,12 @@ def paged_attention(
         raise RuntimeError("paged attention runs only inside the engine's model runner")
     step = paged_step
     _, heads, tokens, head_dim = query.shape
-    kv_heads = key.shape[1]
+    single = _attend_single_rows(query, key, value, step, scaling, sliding_window) if step.single_rows.numel() else None
+    if single is not None and single.shape[0] == tokens:  # a pure decode step: the rows are the whole step
+        return single.unsqueeze(0), None
     out = query.new_empty(tokens, heads, head_dim)
-    rows = step.single_rows
-    if rows.numel():
-        count, longest = step.single_slots.shape
-        flat_slots = step.single_slots.reshape(-1)
-        keys = key.index_select(0, flat_slots).view(count, longest, kv_heads, head_dim).transpose(1, 2)
-        values = value.index_select(0, flat_slots).view(count, longest, kv_heads, head_dim).transpose(1, 2)
-        only_rows = count == tokens  # a pure decode step: the rows are the whole step, in order
-        queries = (query[0] if only_rows else query[0, :, rows, :]).transpose(0, 1).unsqueeze(2)
-        attended = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=step.single_mask(sliding_window), scale=scaling, enable_gqa=True
-        )
-        if only_rows:
-            return attended[:, :, 0, :].unsqueeze(0), None
-        out[rows] = attended[:, :, 0, :]
+    if single is not None:
+        out[step.single_rows] = single
     for chunk in step.chunks:
         keys = key.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
         values = value.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
@@ -147,6 +138,28 @@ def paged_attention(
         )
         out[chunk.start : chunk.end] = attended[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _attend_single_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    step: StepLayout,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """The single-query rows, in one batched call over their gathered slots: [rows, heads, head_dim]."""
+    count, longest = step.single_slots.shape
+    kv_heads, head_dim = key.shape[1], key.shape[2]
+    flat_slots = step.single_slots.reshape(-1)
+    keys = key.index_select(0, flat_slots).view(count, longest, kv_heads, head_dim).transpose(1, 2)
+    values = value.index_select(0, flat_slots).view(count, longest, kv_heads, head_dim).transpose(1, 2)
+    whole_step = count == query.shape[2]  # the rows are the step's tokens, in order: no need to pick them
+    queries = (query[0] if whole_step else query[0, :, step.single_rows, :]).transpose(0, 1).unsqueeze(2)
+    attended = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=step.single_mask(sliding_window), scale=scaling, enable_gqa=True
+    )
+    return attended[:, :, 0, :]
 
 
 def _chunk_mask(chunk: PrefillChunk, sliding_window: int | None) -> torch.Tensor | None:

@@ -150,7 +150,8 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
     def _run_step(self, chunks: list[Chunk]) -> None:
         self._started(chunk.sequence for chunk in chunks)
         sampling = [chunk.sequence for chunk in chunks if chunk.samples]
-        self._threads.for_step(sum(chunk.end - chunk.start for chunk in chunks))
+        tokens = sum(chunk.end - chunk.start for chunk in chunks)
+        self._threads.for_step(tokens)
         started = time.perf_counter()
         try:
             logits = self._runner.run(chunks)
@@ -161,7 +162,7 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
                 self._fail(sequence, exc)
             return
         decode_rows = sum(1 for chunk in chunks if chunk.end - chunk.start == 1)
-        prefill_tokens = sum(chunk.end - chunk.start for chunk in chunks) - decode_rows
+        prefill_tokens = tokens - decode_rows
         self.scheduler.prefill_budget.observe(decode_rows, prefill_tokens, time.perf_counter() - started)
         self.scheduler.computed(chunks)
         self._advance(sampling, sample)
