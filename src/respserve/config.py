@@ -54,6 +54,25 @@ def parse_image_model(spec: str) -> ImageModelSpec:
     return image_model_spec(path, name) if separator else image_model_spec(spec)
 
 
+_MEMORY_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_memory_size(setting: str) -> int | float | None:
+    """A memory setting (`--kv-cache-memory`): None for "auto", a byte count (int) for "4GiB", "500MB" or
+    "1000000", a fraction of free memory (float) for a number up to 1 such as "0.8"."""
+    text = setting.strip()
+    if text == "auto":
+        return None
+    if not re.fullmatch(r"\d+(\.\d+)?\s*([kKmMgG]i?[bB])?", text):
+        raise ValueError(f"expected bytes (4GiB, 500MB, 1000000), a fraction (0.8) or auto, not {setting!r}")
+    text = text.lower().replace(" ", "")
+    for unit, scale in _MEMORY_UNITS.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    value = float(text)
+    return value if value <= 1 else int(value)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RESPSERVE_", extra="forbid")
 
@@ -170,8 +189,7 @@ class Settings(BaseSettings):
     @field_validator("kv_cache_memory")
     @classmethod
     def _check_kv_cache_memory(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|\d+(\.\d+)?\s*([kKmMgG]i?[bB])?", value.strip()):
-            raise ValueError(f"expected bytes (4GiB, 500MB, 1000000), a fraction (0.8) or auto, not {value!r}")
+        parse_memory_size(value)
         return value
 
     @property

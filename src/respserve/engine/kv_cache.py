@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from respserve.config import parse_memory_size
 from respserve.engine.block_manager import NULL_BLOCK
 
 
@@ -77,7 +78,6 @@ class PagedKVCache:
         return 0
 
 
-_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 # On the CPU, "auto" reserves this much address space; pages are only touched as blocks are first used.
 _CPU_AUTO_BYTES = 2 * 2**30
 _CUDA_AUTO_FRACTION = 0.85
@@ -86,14 +86,10 @@ _CUDA_AUTO_FRACTION = 0.85
 def kv_budget_bytes(setting: str, device: torch.device) -> int:
     """Bytes for the pool from `--kv-cache-memory`: "auto", a byte count ("4GiB", "500MB", "1000000"),
     or a fraction (0 < x <= 1) of the device's free memory (GPU) or of the machine's available memory."""
-    text = setting.strip().lower().replace(" ", "")
-    if text == "auto":
+    size = parse_memory_size(setting)
+    if size is None:
         return _free_bytes(device, _CUDA_AUTO_FRACTION) if device.type == "cuda" else _CPU_AUTO_BYTES
-    for unit, scale in _UNITS.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * scale)
-    value = float(text)
-    return _free_bytes(device, value) if value <= 1 else int(value)
+    return _free_bytes(device, size) if isinstance(size, float) else size
 
 
 def _free_bytes(device: torch.device, fraction: float) -> int:
