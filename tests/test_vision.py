@@ -131,24 +131,35 @@ def build_idefics3(tokenizer_path: str, folder: Path) -> Path:
     return folder
 
 
-def build_qwen2_vl(tokenizer_path: str, folder: Path) -> Path:
+def build_qwen2_vl(tokenizer_path: str, folder: Path, **options: Any) -> Path:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     classes = (Qwen2VLConfig, Qwen2VLForConditionalGeneration)
     vision = {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2}
-    return _build_qwen(tokenizer_path, folder, classes, vision)
+    return _build_qwen(tokenizer_path, folder, classes, vision, **options)
 
 
-def build_qwen2_5_vl(tokenizer_path: str, folder: Path) -> Path:
+def build_qwen2_5_vl(tokenizer_path: str, folder: Path, **options: Any) -> Path:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     classes = (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
     # Two blocks: the first attends within 16x16-pixel windows (2x2 tokens), the second over the whole picture.
     vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "num_heads": 2}
-    return _build_qwen(tokenizer_path, folder, classes, {**vision, "window_size": 16, "fullatt_block_indexes": [1]})
+    vision |= {"window_size": 16, "fullatt_block_indexes": [1]}
+    return _build_qwen(tokenizer_path, folder, classes, vision, **options)
 
 
-def _build_qwen(tokenizer_path: str, folder: Path, classes: tuple[Any, Any], vision: dict[str, Any]) -> Path:
+def _build_qwen(
+    tokenizer_path: str,
+    folder: Path,
+    classes: tuple[Any, Any],
+    vision: dict[str, Any],
+    *,
+    patch_size: int = 4,
+    max_pixels: int = 128 * 128,
+    text: dict[str, Any] | None = None,
+) -> Path:
+    """A tiny Qwen-VL-family model; `text` adds to (or overrides) its language model's config."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     config_class, model_class = classes
@@ -157,12 +168,12 @@ def _build_qwen(tokenizer_path: str, folder: Path, classes: tuple[Any, Any], vis
     tokenizer.add_special_tokens({"additional_special_tokens": added})
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in added}
     # 4x4 patches merged 2x2: one token per 8x8 pixels, so a 48x40 picture is a grid of 5 rows of 6 tokens.
-    images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, min_pixels=16 * 16, max_pixels=128 * 128)
+    images = Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, min_pixels=16 * 16, max_pixels=max_pixels)
     # The model's processor as respserve loads it (without its video half where torchvision is missing).
     processors = processor_class(config_class.model_type)
     assert processors is not None
     processor = processors(image_processor=images, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
-    text = {
+    text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -175,10 +186,11 @@ def _build_qwen(tokenizer_path: str, folder: Path, classes: tuple[Any, Any], vis
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
+        **(text or {}),
     }
     config = config_class(
-        text_config=text,
-        vision_config={**vision, "patch_size": 4, "spatial_merge_size": 2},
+        text_config=text_config,
+        vision_config={**vision, "patch_size": patch_size, "spatial_merge_size": 2},
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -342,7 +354,7 @@ def test_low_detail_skips_tiling_where_the_processor_tiles(vlm: RunningServer, h
     if vlm.state.default_model.worker.pipeline.splits_images:  # SmolVLM/Idefics3: one tile, not 3x3 + 1
         tiles = expansion(vlm, large) - expansion(vlm, large, do_image_splitting=False)
         assert auto["input_tokens"] - low["input_tokens"] == tiles > 0
-    else:  # LLaVA sees one fixed resolution: detail is ignored
+    else:  # LLaVA: one fixed resolution; these Qwen-VLs: a budget under low detail's (test_vision_qwen3.py)
         assert auto["input_tokens"] == low["input_tokens"]
 
 
@@ -566,9 +578,9 @@ def test_only_public_addresses_are_fetched(address: str, public: bool) -> None:
 
 
 def test_unserved_families_are_refused_at_load_with_the_reason(tmp_path: Path) -> None:
-    from transformers import Gemma3Config, Glm4vConfig, Qwen3VLConfig
+    from transformers import Gemma3Config, Glm4vConfig, Qwen3VLMoeConfig
 
-    refused = ((Qwen3VLConfig(), "deepstack"), (Glm4vConfig(), "M-RoPE"), (Gemma3Config(), "both ways"))
+    refused = ((Qwen3VLMoeConfig(), "mixture-of-experts"), (Glm4vConfig(), "M-RoPE"), (Gemma3Config(), "both ways"))
     for config, reason in refused:
         folder = tmp_path / config.model_type
         config.save_pretrained(folder)

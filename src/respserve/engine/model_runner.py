@@ -7,7 +7,14 @@ A step in which some chunk covers image placeholders (a vision-language prompt, 
 embeddings instead of ids: the tokens' embeddings, with the image rows overwritten by the features the
 vision encoder made at admission. Steps without images take the ids path unchanged.
 
-An M-RoPE model (Qwen2-VL, Qwen2.5-VL) reads three positions per token. When some sequence of the step has
+Qwen3-VL's deepstack adds more image features (one set per deepstack vision layer) to the hidden states
+after its first decoder layers, at the image rows: such a step also carries those rows' deepstack features
+and passes them, with a mask of the image rows, to the language model (`visual_pos_masks`,
+`deepstack_visual_embeds`). transformers' Qwen3-VL wrapper makes these two itself from pixel values and
+takes neither from a caller, so that step calls the language model and the output head directly, which is
+what the wrapper does.
+
+An M-RoPE model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) reads three positions per token. When some sequence of the step has
 them (an image prompt, vision.py's `RopePositions`), the step passes [3, 1, tokens] positions, the other
 sequences' tokens at their index in all three; otherwise [1, tokens], which such a model spreads to all
 three itself, as any other model takes it.
@@ -37,6 +44,7 @@ class StepInputs:
     image_rows: torch.Tensor | None = None  # [n] flat indices whose embeddings are image features
     image_features: torch.Tensor | None = None  # [n, hidden]
     mrope_positions: torch.Tensor | None = None  # [3, tokens] when some sequence has M-RoPE positions
+    deepstack_features: list[torch.Tensor] | None = None  # Qwen3-VL: [n, hidden] per layer, rows as image_rows
 
     @classmethod
     def of(cls, chunks: list[Chunk]) -> StepInputs:
@@ -50,8 +58,9 @@ class StepInputs:
                 sampled_rows.append(len(input_ids) - 1)
         tables = [chunk.sequence.block_table for chunk in chunks]
         spans = [(chunk.start, chunk.end) for chunk in chunks]
-        rows, features = _image_rows(chunks)
-        return cls(input_ids, positions, tables, spans, sampled_rows, rows, features, _mrope_positions(chunks))
+        rows, features, deepstack = _image_rows(chunks)
+        mrope = _mrope_positions(chunks)
+        return cls(input_ids, positions, tables, spans, sampled_rows, rows, features, mrope, deepstack)
 
 
 class ModelRunner:
@@ -74,41 +83,51 @@ class ModelRunner:
     def forward(self, step: StepInputs) -> torch.Tensor:
         layout = build_step_layout(step.block_tables, step.spans, self.cache.block_size, self.device)
         input_ids = torch.tensor([step.input_ids], device=self.device)
-        tokens: dict[str, torch.Tensor] = {"input_ids": input_ids}
+        tokens: dict[str, Any] = {"input_ids": input_ids}
         if step.image_rows is not None and step.image_features is not None:
+            rows = step.image_rows.to(self.device)
             embeds = self.model.get_input_embeddings()(input_ids)
-            embeds[0, step.image_rows.to(self.device)] = step.image_features.to(embeds.dtype)
+            embeds[0, rows] = step.image_features.to(embeds.dtype)
             tokens = {"inputs_embeds": embeds}
+            if step.deepstack_features:
+                mask = torch.zeros_like(input_ids, dtype=torch.bool)
+                mask[0, rows] = True  # rows ascend, so the mask's order is the features' order
+                tokens["visual_pos_masks"] = mask
+                tokens["deepstack_visual_embeds"] = [layer.to(self.device) for layer in step.deepstack_features]
         if step.mrope_positions is None:
             positions = torch.tensor([step.positions], device=self.device)
         else:  # (temporal, height, width) x batch 1 x tokens
             positions = step.mrope_positions[:, None, :].to(self.device)
-        out = self.model(
-            **tokens,
-            position_ids=positions,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=torch.tensor(step.sampled_rows, dtype=torch.long, device=self.device),
-            paged_step=layout,
-        )
-        return out.logits[0]
+        kept = torch.tensor(step.sampled_rows, dtype=torch.long, device=self.device)
+        common = {"position_ids": positions, "cache": self.cache, "use_cache": True, "paged_step": layout}
+        if "deepstack_visual_embeds" in tokens:  # see the module's docstring
+            hidden = self.model.get_decoder()(**tokens, **common).last_hidden_state
+            return self.model.get_output_embeddings()(hidden[0, kept])
+        return self.model(**tokens, **common, logits_to_keep=kept).logits[0]
 
 
-def _image_rows(chunks: list[Chunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The flat rows of the step that hold image placeholders, and their features; (None, None) if none."""
+def _image_rows(
+    chunks: list[Chunk],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor] | None]:
+    """The flat rows of the step that hold image placeholders, their features, and their deepstack features
+    per layer (Qwen3-VL; else None); all None if no row holds one."""
     rows: list[torch.Tensor] = []
     features: list[torch.Tensor] = []
+    deepstack: list[tuple[torch.Tensor, ...]] = []
     flat = 0
     for chunk in chunks:
         images = chunk.sequence.images
         if images is not None:
-            offsets, chunk_features = images.rows(chunk.start, chunk.end)
+            offsets, chunk_features, chunk_deepstack = images.rows(chunk.start, chunk.end)
             rows.append(offsets + flat)
             features.append(chunk_features)
+            deepstack.append(chunk_deepstack)
         flat += chunk.end - chunk.start
     if not rows or not sum(len(offsets) for offsets in rows):
-        return None, None
-    return torch.cat(rows), torch.cat(features)
+        return None, None, None
+    # One model per engine: every image sequence has the same deepstack layers (none, or all of them).
+    layers = [torch.cat(layer) for layer in zip(*deepstack, strict=True)]
+    return torch.cat(rows), torch.cat(features), layers or None
 
 
 def _mrope_positions(chunks: list[Chunk]) -> torch.Tensor | None:

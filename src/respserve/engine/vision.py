@@ -10,7 +10,11 @@ Placeholder tokens are the same for every picture of a size, so the prefix cache
 apart by tokens: `hash_salt` (a hash of the pixel tensors) is mixed into the block hashes from the block
 holding the first placeholder on (block_manager.py).
 
-Qwen2-VL and Qwen2.5-VL place tokens on 3-D (M-RoPE) positions: (temporal, height, width), which for an
+Qwen3-VL also adds features from several depths of its vision tower to the language model's hidden states
+after its first decoder layers, at the placeholder rows ("deepstack"): `ImageEmbeddings.deepstack` keeps
+them beside the main features, one tensor per such layer, sliced per chunk the same way.
+
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL place tokens on 3-D (M-RoPE) positions: (temporal, height, width), which for an
 image's tokens follow its grid rather than the token index, and text after an image sits at its index plus
 a per-prompt offset. `rope_positions` asks the model's own `get_rope_index` for them once, at admission;
 the sequence keeps them (`RopePositions`), so every chunk, decode token and recompute reads its positions
@@ -50,12 +54,15 @@ class ImageEmbeddings:
 
     positions: torch.Tensor  # [n] long, ascending, on the CPU
     features: torch.Tensor  # [n, hidden], on the model's device
+    deepstack: tuple[torch.Tensor, ...] = ()  # Qwen3-VL: [n, hidden] per deepstack layer; () for the others
 
-    def rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(offsets into [start, end), feature rows) of the placeholders in that span of the prompt."""
+    def rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(offsets into [start, end), feature rows, deepstack rows per layer) of the placeholders in that span
+        of the prompt."""
         first = int(torch.searchsorted(self.positions, start))
         last = int(torch.searchsorted(self.positions, end))
-        return self.positions[first:last] - start, self.features[first:last]
+        deepstack = tuple(layer[first:last] for layer in self.deepstack)
+        return self.positions[first:last] - start, self.features[first:last], deepstack
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,18 +90,26 @@ def encode_images(model: Any, vision: VisionInputs, prompt: list[int]) -> ImageE
     }
     with torch.inference_mode():
         output = model.get_image_features(**tensors, return_dict=True)
-    pooled = output.pooler_output
-    features = torch.cat(list(pooled), dim=0) if isinstance(pooled, list | tuple) else pooled
-    features = features.reshape(-1, features.shape[-1]).to(dtype)
+    features = _rows(output.pooler_output, dtype)
+    # Qwen3-VL: per deepstack layer, the images' rows (a tuple per image, as pooler_output is).
+    deepstack = tuple(_rows(layer, dtype) for layer in getattr(output, "deepstack_features", None) or ())
     positions = torch.tensor([i for i, token in enumerate(prompt) if token == vision.image_token_id], dtype=torch.long)
-    if features.shape[0] != positions.shape[0]:
-        raise ValueError(f"the vision encoder made {features.shape[0]} rows for {positions.shape[0]} image tokens")
-    return ImageEmbeddings(positions, features)
+    for rows in (features, *deepstack):
+        if rows.shape[0] != positions.shape[0]:
+            raise ValueError(f"the vision encoder made {rows.shape[0]} rows for {positions.shape[0]} image tokens")
+    return ImageEmbeddings(positions, features, deepstack)
+
+
+def _rows(features: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """[n, hidden] from one tensor or one per image (in prompt order)."""
+    flat = torch.cat(list(features), dim=0) if isinstance(features, list | tuple) else features
+    return flat.reshape(-1, flat.shape[-1]).to(dtype)
 
 
 def rope_positions(model: Any, vision: VisionInputs, prompt: list[int]) -> RopePositions | None:
-    """The prompt's M-RoPE positions from the model's own `get_rope_index` (Qwen2-VL's family: the rules are
-    the model's, so they are not restated here); None for models whose tokens sit at their index."""
+    """The prompt's M-RoPE positions from the model's own `get_rope_index` (Qwen2-VL's family and Qwen3-VL,
+    whose signatures agree: the rules are the model's, so they are not restated here); None for models whose
+    tokens sit at their index."""
     get_rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
     if get_rope_index is None:
         return None

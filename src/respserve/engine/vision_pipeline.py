@@ -6,9 +6,12 @@ per request over the pictures (vision.py), outside the paged steps. Prompts are 
 processor's chat template, each turn's images before its text, then tokenized by the processor, which
 expands every image into the placeholder tokens its model fills with image features.
 
-Qwen2-VL and Qwen2.5-VL place tokens on 3-D (M-RoPE) positions that follow each image's grid; the engine
-takes them from the model at admission (vision.py's `RopePositions`). Other M-RoPE families are refused at
-load, each with its reason (`_REFUSED`).
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL place tokens on 3-D (M-RoPE) positions that follow each image's grid; the
+engine takes them from the model at admission (vision.py's `RopePositions`). Qwen3-VL also adds image
+features inside its first decoder layers (deepstack), which the sequence keeps beside the main ones
+(vision.py) and each step passes on (model_runner.py). Other M-RoPE families are refused at load, each with
+its reason (`_REFUSED`). The three size each picture within their processor's pixel budget, which
+`detail: "low"` caps (vision_detail.py).
 """
 
 from __future__ import annotations
@@ -32,17 +35,24 @@ from respserve.engine.packed_linear import PackedLinear, can_pack, pack_linears
 from respserve.engine.text_pipeline import ContextLengthExceeded, TextPipeline
 from respserve.engine.tool_prompt import fallback_turns, native_tools, native_turn, template_knows_tools
 from respserve.engine.vision import VisionInputs
+from respserve.engine.vision_detail import PixelBudget
 
 logger = logging.getLogger(__name__)
 
 # M-RoPE families whose positions the engine gets from the model's own `get_rope_index` (vision.py), with
 # their processors' names.
-_MROPE_SERVED = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
-_DEEPSTACK = (
-    "adds image features to the hidden states inside its first decoder layers (deepstack), which the engine's "
-    "steps do not carry"
+_MROPE_SERVED = {
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
+}
+_QWEN3_VL_MOE = (
+    "is untested: the engine serves Qwen3-VL's deepstack and positions for the dense model, and no test covers "
+    "its mixture-of-experts sibling"
 )
-_UNTESTED_MROPE = "places tokens on 3-D (M-RoPE) positions, which the engine computes only for Qwen2-VL's family"
+_UNTESTED_MROPE = (
+    "places tokens on 3-D (M-RoPE) positions, which the engine computes only for Qwen2-VL's family and Qwen3-VL"
+)
 _BIDIRECTIONAL = (
     "lets an image's tokens attend to each other both ways, and the engine's paged attention is causal only "
     "(it would serve the model, wrongly)"
@@ -50,8 +60,7 @@ _BIDIRECTIONAL = (
 # Why other families cannot be served (M-RoPE ones, and those whose image tokens attend both ways); any
 # other config that mentions M-RoPE is refused too.
 _REFUSED = {
-    "qwen3_vl": _DEEPSTACK,
-    "qwen3_vl_moe": _DEEPSTACK,
+    "qwen3_vl_moe": _QWEN3_VL_MOE,
     "qwen2_5_omni": _UNTESTED_MROPE,
     "glm4v": _UNTESTED_MROPE,
     "glm4v_moe": _UNTESTED_MROPE,
@@ -128,6 +137,9 @@ class VisionLanguagePipeline(TextPipeline):
         self.image_token_id = int(model.config.image_token_id)
         # SmolVLM/Idefics3 tile large images (more tokens); `detail: "low"` turns that off.
         self.splits_images = getattr(processor.image_processor, "do_image_splitting", None) is not None
+        # The Qwen-VL family sizes each picture within a pixel budget; `detail: "low"` caps it (per image).
+        served = model.config.model_type in _MROPE_SERVED
+        self.pixel_budget = PixelBudget.of(processor.image_processor) if served else None
 
     @classmethod
     def load(
@@ -187,7 +199,7 @@ class VisionLanguagePipeline(TextPipeline):
             options["do_image_splitting"] = False
         encoded = self.processor(
             text=[text],
-            images=[[image.image for image in images]],
+            images=[[self._sized(image) for image in images]],
             return_tensors="pt",
             add_special_tokens=False,
             **options,
@@ -195,3 +207,9 @@ class VisionLanguagePipeline(TextPipeline):
         ids = encoded["input_ids"][0].tolist()
         tensors = {name: value for name, value in encoded.items() if name not in _TEXT_INPUTS}
         return ids, VisionInputs.of(tensors, ids, self.image_token_id)
+
+    def _sized(self, image: PromptImage) -> Any:
+        """The picture as the processor is to see it: a low-detail one within the low budget (Qwen-VL family)."""
+        if self.pixel_budget is not None and image.detail == "low":
+            return self.pixel_budget.low_detail(image.image)
+        return image.image
