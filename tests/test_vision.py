@@ -578,9 +578,9 @@ def test_only_public_addresses_are_fetched(address: str, public: bool) -> None:
 
 
 def test_unserved_families_are_refused_at_load_with_the_reason(tmp_path: Path) -> None:
-    from transformers import Gemma3Config, Glm4vConfig, Qwen3VLMoeConfig
+    from transformers import Glm4vConfig, PaliGemmaConfig, Qwen3VLMoeConfig
 
-    refused = ((Qwen3VLMoeConfig(), "mixture-of-experts"), (Glm4vConfig(), "M-RoPE"), (Gemma3Config(), "both ways"))
+    refused = ((Qwen3VLMoeConfig(), "mixture-of-experts"), (Glm4vConfig(), "M-RoPE"), (PaliGemmaConfig(), "both ways"))
     for config, reason in refused:
         folder = tmp_path / config.model_type
         config.save_pretrained(folder)

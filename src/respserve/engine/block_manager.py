@@ -10,6 +10,13 @@ resends the same long instructions every turn. A prompt with images also mixes a
 same placeholder tokens, and two different pictures must not share KV. A published block that no sequence
 holds any more stays cached until its slot is needed, the least recently released first.
 
+Gemma 3's image tokens attend both ways, so the KV of an image's first tokens depends on its later ones. A
+hit may still end inside an image: a block is published only once `num_computed` passed it, and a chunk
+never ends inside such an image (scheduler.py), so every published block holding part of one was computed
+with the whole image; and its hash holds the pixels' salt and all tokens before it, so a sequence that hits
+it has the same picture there, hence the same placeholders and features after the block too. The chunk that
+follows the hit computes the rest of the image, reading the cached part as earlier keys.
+
 Block 0 is never handed out: it stays zeros, and attention pads its reads with it, so padding never feeds
 NaN from uninitialised memory into a masked product.
 """

@@ -7,6 +7,9 @@ A step in which some chunk covers image placeholders (a vision-language prompt, 
 embeddings instead of ids: the tokens' embeddings, with the image rows overwritten by the features the
 vision encoder made at admission. Steps without images take the ids path unchanged.
 
+Gemma 3's image tokens attend to each other both ways: a step carries, per sequence, the spans of such
+images its chunk overlaps (`image_spans`, plain positions), which the paged attention reads.
+
 Qwen3-VL's deepstack adds more image features (one set per deepstack vision layer) to the hidden states
 after its first decoder layers, at the image rows: such a step also carries those rows' deepstack features
 and passes them, with a mask of the image rows, to the language model (`visual_pos_masks`,
@@ -45,6 +48,8 @@ class StepInputs:
     image_features: torch.Tensor | None = None  # [n, hidden]
     mrope_positions: torch.Tensor | None = None  # [3, tokens] when some sequence has M-RoPE positions
     deepstack_features: list[torch.Tensor] | None = None  # Qwen3-VL: [n, hidden] per layer, rows as image_rows
+    # Per sequence, the image spans attended both ways (Gemma 3) that its chunk overlaps; None when none does
+    image_spans: list[list[tuple[int, int]]] | None = None
 
     @classmethod
     def of(cls, chunks: list[Chunk]) -> StepInputs:
@@ -60,7 +65,10 @@ class StepInputs:
         spans = [(chunk.start, chunk.end) for chunk in chunks]
         rows, features, deepstack = _image_rows(chunks)
         mrope = _mrope_positions(chunks)
-        return cls(input_ids, positions, tables, spans, sampled_rows, rows, features, mrope, deepstack)
+        both_ways = _both_ways(chunks)
+        return cls(
+            input_ids, positions, tables, spans, sampled_rows, rows, features, mrope, deepstack, image_spans=both_ways
+        )
 
 
 class ModelRunner:
@@ -81,7 +89,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
-        layout = build_step_layout(step.block_tables, step.spans, self.cache.block_size, self.device)
+        layout = build_step_layout(step.block_tables, step.spans, self.cache.block_size, self.device, step.image_spans)
         input_ids = torch.tensor([step.input_ids], device=self.device)
         tokens: dict[str, Any] = {"input_ids": input_ids}
         if step.image_rows is not None and step.image_features is not None:
@@ -128,6 +136,15 @@ def _image_rows(
     # One model per engine: every image sequence has the same deepstack layers (none, or all of them).
     layers = [torch.cat(layer) for layer in zip(*deepstack, strict=True)]
     return torch.cat(rows), torch.cat(features), layers or None
+
+
+def _both_ways(chunks: list[Chunk]) -> list[list[tuple[int, int]]] | None:
+    """Per chunk, the spans of its sequence's images attended both ways that it overlaps; None if none does."""
+    overlaps = [
+        [(first, last) for first, last in chunk.sequence.image_spans if first < chunk.end and last > chunk.start]
+        for chunk in chunks
+    ]
+    return overlaps if any(overlaps) else None
 
 
 def _mrope_positions(chunks: list[Chunk]) -> torch.Tensor | None:

@@ -8,6 +8,13 @@ goes (`slot_mapping`) and which slots each query reads:
   attention call: their slots gathered into [rows, longest, ...] and padded with the zero block, masked;
 - multi-query chunks (prefill) are attended one chunk at a time, causally, over all their earlier tokens.
 
+Gemma 3 lets the tokens of one image attend to each other both ways during prefill (transformers builds
+that mask from `token_type_ids`): a chunk may carry `image_spans`, positions [first, last) of such images,
+and a query inside one also reads every key of its span, later ones of the same chunk included; all else
+stays causal, and a sliding-window layer still drops keys older than its window. The scheduler never ends a
+chunk inside a span (scheduler.py), so a span's keys are all in the pool by the time its queries need them.
+Decode rows never lie in a span, so the single-row path knows nothing of this.
+
 Gathering copies the KV a step reads, on top of reading it. On the 2-core CPU this costs about as much as
 the left-padded batch did at short contexts (the price of never re-padding or copying on admission); a
 kernel that reads block tables in place (FlashInfer, flash-attn's `block_table`) removes it on CUDA.
@@ -35,6 +42,15 @@ class PrefillChunk:
     end: int
     slots: torch.Tensor  # [kv_len] long
     first_position: int  # the position of the chunk's first token
+    image_spans: list[tuple[int, int]] = field(default_factory=list)  # attended both ways (Gemma 3)
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """[queries, kv_len] True where a query may attend; None for plain causal attention from position 0
+        (SDPA's fast path). Built once per step for all layers of a kind."""
+        if sliding_window not in self._masks:
+            self._masks[sliding_window] = _chunk_mask(self, sliding_window)
+        return self._masks[sliding_window]
 
 
 @dataclass
@@ -65,8 +81,10 @@ def build_step_layout(
     spans: list[tuple[int, int]],
     block_size: int,
     device: torch.device,
+    image_spans: list[list[tuple[int, int]]] | None = None,
 ) -> StepLayout:
-    """`spans[i]` = positions [start, end) of sequence i computed this step, its blocks `block_tables[i]`."""
+    """`spans[i]` = positions [start, end) of sequence i computed this step, its blocks `block_tables[i]`;
+    `image_spans[i]`: the spans of sequence i attended both ways that overlap its chunk (None: none at all)."""
     offsets = torch.arange(block_size)
     slot_mapping: list[int] = []
     rows: list[int] = []
@@ -74,7 +92,10 @@ def build_step_layout(
     row_lengths: list[int] = []
     chunks: list[PrefillChunk] = []
     flat = 0
-    for table, (start, end) in zip(block_tables, spans, strict=True):
+    for index, (table, (start, end)) in enumerate(zip(block_tables, spans, strict=True)):
+        both_ways = image_spans[index] if image_spans is not None else []
+        if any(last > end for _, last in both_ways):  # its later keys would not be in the pool yet
+            raise ValueError(f"a chunk ends at {end}, inside an image attended both ways: {both_ways}")
         if end - start == 1:  # its one slot; the slots it reads are gathered below, with the other rows'
             slot_mapping.append(table[start // block_size] * block_size + start % block_size)
             rows.append(flat)
@@ -83,7 +104,7 @@ def build_step_layout(
         else:
             slots = (torch.tensor(table)[:, None] * block_size + offsets).reshape(-1)[:end]
             slot_mapping.extend(slots[start:end].tolist())
-            chunks.append(PrefillChunk(flat, flat + end - start, slots.to(device), start))
+            chunks.append(PrefillChunk(flat, flat + end - start, slots.to(device), start, list(both_ways)))
         flat += end - start
     longest = max(row_lengths, default=0)
     width = -(-longest // block_size)
@@ -114,12 +135,16 @@ def paged_attention(
     dropout: float = 0.0,
     sliding_window: int | None = None,
     paged_step: StepLayout | None = None,
+    softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query [1, heads, tokens, head_dim]; key/value: this layer's pool [slots, kv_heads, head_dim].
-    Returns [1, tokens, heads, head_dim], as transformers' own attention functions do."""
+    Returns [1, tokens, heads, head_dim], as transformers' own attention functions do. `scaling` is the
+    model's (Gemma's query_pre_attn_scalar), passed on to SDPA."""
     if paged_step is None:
         raise RuntimeError("paged attention runs only inside the engine's model runner")
+    if softcap is not None:  # unreachable for a model `refusal` let through, kept so no other gets it wrong
+        raise ValueError("paged attention cannot softcap attention logits")
     step = paged_step
     _, heads, tokens, head_dim = query.shape
     single = _attend_single_rows(query, key, value, step, scaling, sliding_window) if step.single_rows.numel() else None
@@ -132,7 +157,7 @@ def paged_attention(
         keys = key.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
         values = value.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
         queries = query[:, :, chunk.start : chunk.end, :]
-        mask = _chunk_mask(chunk, sliding_window)
+        mask = chunk.mask(sliding_window)
         attended = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True
         )
@@ -162,15 +187,29 @@ def _attend_single_rows(
     return attended[:, :, 0, :]
 
 
+def refusal(text_config: Any) -> str | None:
+    """Why this attention cannot serve a model with `text_config`, or None: it neither softcaps attention
+    logits (Gemma 2) nor attends both ways over the whole text (EmbeddingGemma)."""
+    if getattr(text_config, "attn_logit_softcapping", None) is not None:
+        return "softcaps its attention logits (attn_logit_softcapping), which the engine's paged attention cannot"
+    if getattr(text_config, "use_bidirectional_attention", None):
+        return "attends both ways over the whole text (use_bidirectional_attention); the engine's attention is causal"
+    return None
+
+
 def _chunk_mask(chunk: PrefillChunk, sliding_window: int | None) -> torch.Tensor | None:
     """None when plain causal attention from position 0 is right (SDPA's fast path)."""
-    if chunk.first_position == 0 and sliding_window is None:
+    if chunk.first_position == 0 and sliding_window is None and not chunk.image_spans:
         return None
     device = chunk.slots.device
     query_positions = torch.arange(chunk.first_position, chunk.first_position + chunk.end - chunk.start, device=device)
     key_positions = torch.arange(chunk.slots.shape[0], device=device)
     mask = key_positions[None, :] <= query_positions[:, None]
-    if sliding_window is not None:
+    for first, last in chunk.image_spans:  # OR: a query inside an image reads all of it, later keys too
+        queries_inside = (query_positions >= first) & (query_positions < last)
+        keys_inside = (key_positions >= first) & (key_positions < last)
+        mask |= queries_inside[:, None] & keys_inside[None, :]
+    if sliding_window is not None:  # AND, after the OR: the window bounds image keys too, as in transformers
         mask &= key_positions[None, :] > query_positions[:, None] - sliding_window
     return mask
 

@@ -8,6 +8,9 @@ admitted when the pool can hold its prompt (its cached prefix taken from the poo
 When a decoding sequence needs a new block and none is left, the most recently admitted sequence is
 preempted: its blocks go back, and it waits at the head of the queue to be recomputed (mostly from the
 blocks it published, if they are still cached).
+
+Gemma 3's image tokens attend to each other both ways (`Sequence.image_spans`): a chunk never ends inside
+such a span, since the span's first tokens would need keys of its later ones that are not computed yet.
 """
 
 from __future__ import annotations
@@ -108,13 +111,26 @@ class Scheduler:
 
     def _prefill_chunk(self, sequence: Sequence, budget: int) -> Chunk:
         start = sequence.num_computed
-        return Chunk(sequence, start, min(len(sequence.token_ids), start + budget))
+        end = min(len(sequence.token_ids), start + budget)
+        return Chunk(sequence, start, _whole_images(sequence.image_spans, start, end))
 
     def _preempt(self, sequence: Sequence) -> None:
         self.running.remove(sequence)
         self.blocks.free(sequence)
         self.waiting.appendleft(sequence)
         self.preemptions += 1
+
+
+def _whole_images(spans: tuple[tuple[int, int], ...], start: int, end: int) -> int:
+    """`end`, moved off the inside of an image attended both ways: back to the image's start when the chunk
+    has tokens before it (the step keeps to its budget, which holds the decoding streams' pace; the next chunk
+    starts with the image), else on to its end (the chunk starts at or inside the image, which can only be
+    computed whole, however far past the budget: a chunk starting inside one is a prefix-cache hit, whose
+    blocks were computed with the whole image, see block_manager.py)."""
+    for first, last in spans:
+        if first < end < last:
+            return first if first > start else last
+    return end
 
 
 def _is_prefilling(sequence: Sequence) -> bool:

@@ -42,6 +42,8 @@ class Sequence:
         self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         vision = request.vision
         self.hash_salt = None if vision is None else (vision.first_image_token, vision.hash_salt)
+        # Gemma 3: each image's placeholder positions [first, last), prefilled whole in one chunk (scheduler.py)
+        self.image_spans: tuple[tuple[int, int], ...] = () if vision is None else vision.bidirectional_spans
         self.images: ImageEmbeddings | None = None  # set at admission (worker.py), kept while it lives
         self.rope_positions: RopePositions | None = None  # likewise, for M-RoPE models' image prompts
         self.started = False  # admitted once (it no longer counts as queued, even if preempted later)

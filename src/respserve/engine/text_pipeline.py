@@ -7,12 +7,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from respserve.engine.device import pick_device, pick_dtype
 from respserve.engine.generation import ChatMessage, ToolSpec
-from respserve.engine.model_source import ModelSource
+from respserve.engine.model_source import ModelSource, ModelSourceError
 from respserve.engine.packed_linear import can_pack, pack_linears
+from respserve.engine.paged_attention import refusal
 from respserve.engine.structured_output import GrammarCompiler
 from respserve.engine.token_text import TokenTexts
 from respserve.engine.tool_prompt import fallback_turns, native_tools, native_turn, template_knows_tools
@@ -59,6 +60,10 @@ class TextPipeline:
     ) -> TextPipeline:
         """`tensor_parallel` > 1: this process is one rank of a started group (tensor_parallel.py), and
         transformers loads its shard of every layer."""
+        config = AutoConfig.from_pretrained(source.path)
+        reason = refusal(config.get_text_config())
+        if reason is not None:  # it would serve the model, wrongly (Gemma 2's softcapping)
+            raise ModelSourceError(f"{config.model_type} {reason}")
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
         started = time.perf_counter()

@@ -10,6 +10,10 @@ Placeholder tokens are the same for every picture of a size, so the prefix cache
 apart by tokens: `hash_salt` (a hash of the pixel tensors) is mixed into the block hashes from the block
 holding the first placeholder on (block_manager.py).
 
+Gemma 3's image tokens attend to each other both ways during prefill: its `VisionInputs` carry
+`bidirectional_spans`, one [first, last) per run of placeholders (transformers groups an image's tokens the
+same way, by runs), which the scheduler keeps whole in one chunk and the paged attention reads.
+
 Qwen3-VL also adds features from several depths of its vision tower to the language model's hidden states
 after its first decoder layers, at the placeholder rows ("deepstack"): `ImageEmbeddings.deepstack` keeps
 them beside the main features, one tensor per such layer, sliced per chunk the same way.
@@ -39,13 +43,28 @@ class VisionInputs:
     first_image_token: int  # the prompt position of the first placeholder token
     num_image_tokens: int
     hash_salt: int
+    bidirectional_spans: tuple[tuple[int, int], ...] = ()  # Gemma 3: each image's tokens, attended both ways
 
     @classmethod
-    def of(cls, tensors: dict[str, torch.Tensor], prompt: list[int], image_token_id: int) -> VisionInputs:
+    def of(
+        cls, tensors: dict[str, torch.Tensor], prompt: list[int], image_token_id: int, bidirectional: bool = False
+    ) -> VisionInputs:
         positions = [index for index, token in enumerate(prompt) if token == image_token_id]
         if not positions:
             raise ValueError("the processor put no image token in the prompt")
-        return cls(tensors, image_token_id, positions[0], len(positions), _tensor_hash(tensors))
+        spans = image_spans(positions) if bidirectional else ()
+        return cls(tensors, image_token_id, positions[0], len(positions), _tensor_hash(tensors), spans)
+
+
+def image_spans(positions: list[int]) -> tuple[tuple[int, int], ...]:
+    """[first, last) of each run of consecutive placeholder positions (ascending)."""
+    spans: list[tuple[int, int]] = []
+    for position in positions:
+        if spans and spans[-1][1] == position:
+            spans[-1] = (spans[-1][0], position + 1)
+        else:
+            spans.append((position, position + 1))
+    return tuple(spans)
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,6 +12,13 @@ features inside its first decoder layers (deepstack), which the sequence keeps b
 (vision.py) and each step passes on (model_runner.py). Other M-RoPE families are refused at load, each with
 its reason (`_REFUSED`). The three size each picture within their processor's pixel budget, which
 `detail: "low"` caps (vision_detail.py).
+
+Gemma 3 lets each image's tokens attend to each other both ways: its prompts carry those spans
+(`VisionInputs.bidirectional_spans`), which the scheduler and the paged attention honour. PaliGemma (both
+ways over its whole prompt prefix) and Gemma 3n stay refused, and so does any model whose attention softcaps
+its logits or attends both ways over all text (paged_attention.refusal). `detail: "high"` turns Gemma 3's
+pan-and-scan on (crops of a large picture, each one more image); `low`/`auto` leave one image at its fixed
+resolution.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from respserve.engine.device import pick_device, pick_dtype
 from respserve.engine.generation import ChatMessage, PromptImage, ToolSpec
 from respserve.engine.model_source import ModelSource, ModelSourceError
 from respserve.engine.packed_linear import PackedLinear, can_pack, pack_linears
+from respserve.engine.paged_attention import refusal
 from respserve.engine.text_pipeline import ContextLengthExceeded, TextPipeline
 from respserve.engine.tool_prompt import fallback_turns, native_tools, native_turn, template_knows_tools
 from respserve.engine.vision import VisionInputs
@@ -53,10 +61,16 @@ _QWEN3_VL_MOE = (
 _UNTESTED_MROPE = (
     "places tokens on 3-D (M-RoPE) positions, which the engine computes only for Qwen2-VL's family and Qwen3-VL"
 )
-_BIDIRECTIONAL = (
-    "lets an image's tokens attend to each other both ways, and the engine's paged attention is causal only "
-    "(it would serve the model, wrongly)"
+_PREFIX_LM = (
+    "attends both ways over its whole prompt prefix (images and text), and the engine's paged attention does "
+    "so only within each image (Gemma 3); it would serve the model, wrongly"
 )
+_GEMMA3N = (
+    "is untested: its image tokens attend both ways and its layers also read per-layer embeddings of the token "
+    "ids, which the engine's image steps (fed input embeddings) do not carry"
+)
+# Families whose tokens of one image attend to each other both ways (transformers: `token_type_ids`).
+_BIDIRECTIONAL_IMAGES = frozenset({"gemma3"})
 # Why other families cannot be served (M-RoPE ones, and those whose image tokens attend both ways); any
 # other config that mentions M-RoPE is refused too.
 _REFUSED = {
@@ -64,15 +78,14 @@ _REFUSED = {
     "qwen2_5_omni": _UNTESTED_MROPE,
     "glm4v": _UNTESTED_MROPE,
     "glm4v_moe": _UNTESTED_MROPE,
-    "gemma3": _BIDIRECTIONAL,
-    "gemma3n": _BIDIRECTIONAL,
-    "paligemma": _BIDIRECTIONAL,
+    "gemma3n": _GEMMA3N,
+    "paligemma": _PREFIX_LM,
 }
 
 
 # What the processor returns about the text, not the pictures: kept away from the vision encoder (Qwen2-VL's
 # token types are derived again from the prompt where its positions are computed, vision.py).
-_TEXT_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids")
+_TEXT_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 def is_vision_model(source: ModelSource) -> bool:
@@ -120,9 +133,12 @@ def _refuse_unserved(config: Any) -> None:
     reason = _REFUSED.get(config.model_type)
     if reason is None and "mrope" in json.dumps(config.to_dict(), default=str):
         reason = _UNTESTED_MROPE
+    if reason is None:
+        reason = refusal(config.get_text_config())
     if reason is not None:
         raise ModelSourceError(
-            f"{config.model_type} {reason}; serve a Qwen2-VL, Qwen2.5-VL, LLaVA or SmolVLM/Idefics3-style model"
+            f"{config.model_type} {reason}; serve a Qwen2-VL, Qwen2.5-VL, Gemma 3, LLaVA or "
+            "SmolVLM/Idefics3-style model"
         )
 
 
@@ -140,6 +156,9 @@ class VisionLanguagePipeline(TextPipeline):
         # The Qwen-VL family sizes each picture within a pixel budget; `detail: "low"` caps it (per image).
         served = model.config.model_type in _MROPE_SERVED
         self.pixel_budget = PixelBudget.of(processor.image_processor) if served else None
+        # Gemma 3: crops of a large picture beside it, only when asked (`detail: "high"`).
+        self.pans_and_scans = hasattr(processor.image_processor, "do_pan_and_scan")
+        self.bidirectional_images = model.config.model_type in _BIDIRECTIONAL_IMAGES
 
     @classmethod
     def load(
@@ -197,6 +216,8 @@ class VisionLanguagePipeline(TextPipeline):
         options: dict[str, Any] = {}
         if self.splits_images and all(image.detail == "low" for image in images):
             options["do_image_splitting"] = False
+        if self.pans_and_scans:  # on when some image asks for `high` detail (the call takes one setting)
+            options["do_pan_and_scan"] = any(image.detail == "high" for image in images)
         encoded = self.processor(
             text=[text],
             images=[[self._sized(image) for image in images]],
@@ -206,7 +227,7 @@ class VisionLanguagePipeline(TextPipeline):
         )
         ids = encoded["input_ids"][0].tolist()
         tensors = {name: value for name, value in encoded.items() if name not in _TEXT_INPUTS}
-        return ids, VisionInputs.of(tensors, ids, self.image_token_id)
+        return ids, VisionInputs.of(tensors, ids, self.image_token_id, self.bidirectional_images)
 
     def _sized(self, image: PromptImage) -> Any:
         """The picture as the processor is to see it: a low-detail one within the low budget (Qwen-VL family)."""
