@@ -18,9 +18,11 @@ from conftest import RunningServer, free_port, never_ends, start_server, stop_se
 from respserve.config import load_settings
 from respserve.engine.block_manager import BlockManager
 from respserve.engine.cpu_threads import SMALL_STEP_ROWS, CpuThreads
+from respserve.engine.fused_projections import FusedSibling, fuse_projections
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes
 from respserve.engine.model_runner import ModelRunner
+from respserve.engine.packed_linear import pack_linears
 from respserve.engine.prefill_budget import SLOWDOWN, PrefillBudget
 from respserve.engine.scheduler import Scheduler
 from respserve.engine.sequence import Sequence
@@ -34,6 +36,7 @@ def _run_to_the_end(
     max_new: int,
     budget: int,
     device: str = "cpu",
+    pack: bool = False,
 ) -> Scheduler:
     """Greedy-decodes `prompts` through the paged engine on `device`, checking each sampled position's
     logits against a plain CPU forward of a copy of the model (its own attention, no cache) over the whole
@@ -43,6 +46,8 @@ def _run_to_the_end(
     reference.load_state_dict(model.state_dict())
     block_size = 4
     model.to(device)
+    if pack:  # the CPU's load path: oneDNN-packed weights, sibling projections fused
+        assert pack_linears(model) > 0
     cache = PagedKVCache(model.config, num_blocks, block_size, torch.float32, torch.device(device))
     for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring
         pool[block_size:].fill_(float("nan"))
@@ -83,6 +88,27 @@ def test_chunked_paged_steps_match_a_plain_forward(server: RunningServer, layers
     torch.manual_seed(1)
     prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (5, 13, 1, 30)]
     _run_to_the_end(server, model, prompts, num_blocks=64, max_new=12, budget=7)
+
+
+def test_packed_weights_and_fused_projections_match_a_plain_forward(server: RunningServer) -> None:
+    model = tiny_qwen3(server.state.default_model.worker.pipeline.tokenizer)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (6, 17, 1)]
+    _run_to_the_end(server, model, prompts, num_blocks=64, max_new=8, budget=7, pack=True)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.k_proj, FusedSibling) and isinstance(layer.mlp.up_proj, FusedSibling)
+
+
+def test_a_sibling_called_on_another_input_computes_its_own_output() -> None:
+    torch.manual_seed(4)
+    parent = torch.nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = (torch.nn.Linear(8, size) for size in (8, 4, 4))
+    expected = {name: getattr(parent, name) for name in ("q_proj", "k_proj", "v_proj")}
+    assert fuse_projections(parent, lambda linear: linear) == 1
+    first, second = torch.randn(3, 8), torch.randn(5, 8)
+    with torch.no_grad():  # cross-attention: q reads one input, k and v another; and a repeated call
+        for name, x in (("q_proj", first), ("k_proj", second), ("v_proj", second), ("v_proj", second)):
+            torch.testing.assert_close(getattr(parent, name)(x), expected[name](x))
 
 
 def test_a_full_pool_preempts_and_recomputes_without_changing_a_logit(server: RunningServer) -> None:

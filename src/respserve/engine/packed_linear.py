@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from respserve.engine.fused_projections import fuse_projections
+
 
 class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
@@ -28,7 +30,9 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replaces every nn.Linear of `model` (inference only from then on); returns how many."""
+    """Replaces every nn.Linear of `model` (inference only from then on), siblings of one input fused
+    (fused_projections.py); returns how many linears are packed."""
+    fuse_projections(model, PackedLinear)
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
