@@ -137,7 +137,7 @@ def _refuse_unserved(config: Any) -> None:
         reason = refusal(config.get_text_config())
     if reason is not None:
         raise ModelSourceError(
-            f"{config.model_type} {reason}; serve a Qwen2-VL, Qwen2.5-VL, Gemma 3, LLaVA or "
+            f"{config.model_type} {reason}; serve a Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA or "
             "SmolVLM/Idefics3-style model"
         )
 
