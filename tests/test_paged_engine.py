@@ -22,7 +22,7 @@ from respserve.engine.fused_projections import FusedSibling, fuse_projections
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes
 from respserve.engine.model_runner import ModelRunner
-from respserve.engine.packed_linear import pack_linears
+from respserve.engine.packed_linear import PackedLinear, can_pack, native_bf16, pack_linears
 from respserve.engine.prefill_budget import SLOWDOWN, PrefillBudget
 from respserve.engine.scheduler import Scheduler
 from respserve.engine.sequence import Sequence
@@ -109,6 +109,16 @@ def test_a_sibling_called_on_another_input_computes_its_own_output() -> None:
     with torch.no_grad():  # cross-attention: q reads one input, k and v another; and a repeated call
         for name, x in (("q_proj", first), ("k_proj", second), ("v_proj", second), ("v_proj", second)):
             torch.testing.assert_close(getattr(parent, name)(x), expected[name](x))
+
+
+@pytest.mark.skipif(not native_bf16(), reason="bfloat16 matmuls are emulated on this CPU, so not packed")
+def test_bfloat16_weights_are_packed_where_the_cpu_computes_them() -> None:
+    torch.manual_seed(5)
+    linear = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    assert can_pack(torch.device("cpu"), torch.bfloat16)
+    x = torch.randn(7, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear)(x), linear(x))
 
 
 def test_a_full_pool_preempts_and_recomputes_without_changing_a_logit(server: RunningServer) -> None:
