@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int, help="shard the model")
     serve.add_argument("--kv-cache-memory", dest="kv_cache_memory", help="KV pool: 4GiB, 500MB, 0.8 (of free), auto")
     serve.add_argument(
+        "--cuda-graphs",
+        dest="cuda_graphs",
+        action=argparse.BooleanOptionalAction,
+        help="replay CUDA decode steps as captured graphs (default: on)",
+    )
+    serve.add_argument(
         "--image-model", dest="image_models", action="append", help="a diffusers folder, PATH or ID=PATH (repeatable)"
     )
     serve.add_argument(

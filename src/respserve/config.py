@@ -161,6 +161,9 @@ class Settings(BaseSettings):
         default="auto",
         description="KV pool size: bytes (4GiB, 500MB), a fraction of free memory (0.8), or auto.",
     )
+    cuda_graphs: bool = Field(
+        default=True, description="On CUDA, replay decode steps as captured CUDA graphs (per batch and context bucket)."
+    )
     image_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Diffusers text-to-image folders (or hub ids), each PATH or ID=PATH. Env: comma-separated.",

@@ -51,6 +51,7 @@ def load_text_model(settings: Settings) -> ServedModel:
         max_queued=settings.max_queued,
         max_prefill_tokens=settings.max_prefill_tokens,
         kv_cache_memory=settings.kv_cache_memory,
+        cuda_graphs=settings.cuda_graphs,
         spare_a_core=not settings.image_model_specs,
     )
     worker = PipelineWorker(pipeline, limits, peers)

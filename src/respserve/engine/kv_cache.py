@@ -7,6 +7,11 @@ the step's block tables. Nothing is padded and nothing is copied when sequences 
 
 A slot holds [kv_heads, head_dim]: the pool is [slots, kv_heads, head_dim], the same bytes as
 [num_blocks, block_size, kv_heads, head_dim], the layout paged-attention kernels take.
+
+With CUDA graphs (cuda_graphs.py) the pool's last block is scratch: a graph's padded rows write their KV
+there. It is carved out of the pool rather than added to it, so the pool stays within `--kv-cache-memory`,
+and the block manager is given `managed_blocks` (the others), so it never hands it out, publishes it or
+counts it; its ids and bookkeeping stay those of a pool one block smaller.
 """
 
 from __future__ import annotations
@@ -48,9 +53,11 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device,
         shards: int = 1,
+        scratch: bool = False,
     ) -> None:
         layers, kv_heads, head_dim = kv_shape(config, shards)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch_block = num_blocks - 1 if scratch else None
         slots = num_blocks * block_size
         # torch.empty: memory is only touched (and counted in RSS) as blocks are first used.
         self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
@@ -58,6 +65,11 @@ class PagedKVCache:
         null = slice(NULL_BLOCK * block_size, (NULL_BLOCK + 1) * block_size)
         for pool in (*self.keys, *self.values):
             pool[null].zero_()
+
+    @property
+    def managed_blocks(self) -> int:
+        """Blocks 0 .. managed_blocks - 1 are the block manager's; the scratch block, if any, follows."""
+        return self.num_blocks if self.scratch_block is None else self.scratch_block
 
     @property
     def num_bytes(self) -> int:

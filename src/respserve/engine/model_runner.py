@@ -21,6 +21,9 @@ An M-RoPE model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) reads three positions per token
 them (an image prompt, vision.py's `RopePositions`), the step passes [3, 1, tokens] positions, the other
 sequences' tokens at their index in all three; otherwise [1, tokens], which such a model spreads to all
 three itself, as any other model takes it.
+
+On CUDA a pure decode step goes through `graphs` (cuda_graphs.py): padded to a static shape and replayed as
+a captured graph. Every other step, and every step without it, runs as described above.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
+from respserve.engine.cuda_graphs import DecodeGraphs
 from respserve.engine.kv_cache import PagedKVCache
 from respserve.engine.paged_attention import ATTENTION_NAME, build_step_layout
 from respserve.engine.scheduler import Chunk
@@ -72,11 +76,19 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, cache: PagedKVCache, device: torch.device, peers: StepSender | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cache: PagedKVCache,
+        device: torch.device,
+        peers: StepSender | None = None,
+        graphs: DecodeGraphs | None = None,
+    ) -> None:
         self.model = model
         self.cache = cache
         self.device = device
         self.peers = peers  # tensor-parallel processes that run every step beside this one
+        self.graphs = graphs  # pure decode steps at static shapes (CUDA graphs)
         # A vision-language model's vision tower keeps its own attention: it runs outside the paged steps.
         model.set_attn_implementation({"text_config": ATTENTION_NAME} if model.config.sub_configs else ATTENTION_NAME)
 
@@ -89,6 +101,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor:
+        if self.graphs is not None and (logits := self.graphs.run(step)) is not None:
+            return logits
         layout = build_step_layout(step.block_tables, step.spans, self.cache.block_size, self.device, step.image_spans)
         input_ids = torch.tensor([step.input_ids], device=self.device)
         tokens: dict[str, Any] = {"input_ids": input_ids}

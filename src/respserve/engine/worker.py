@@ -23,6 +23,7 @@ import torch
 
 from respserve.engine.block_manager import BlockManager
 from respserve.engine.cpu_threads import CpuThreads
+from respserve.engine.cuda_graphs import DecodeGraphs, graphs_apply
 from respserve.engine.generation import GenerationOutput, GenerationRequest, GenerationStatus
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes, kv_bytes_per_token
 from respserve.engine.model_runner import ModelRunner
@@ -44,6 +45,7 @@ class WorkerLimits:
     max_prefill_tokens: int = 512  # prompt tokens prefilled per step, beside the decode tokens
     kv_cache_memory: str = "auto"  # the KV pool's size (kv_cache.kv_budget_bytes)
     block_size: int = 16  # token slots per KV block
+    cuda_graphs: bool = True  # on CUDA, decode steps replayed as captured graphs (cuda_graphs.py)
     # Small steps leave a core free (cpu_threads.py). torch's thread count is the whole process's, so not
     # when image pipelines run in the same process.
     spare_a_core: bool = True
@@ -61,15 +63,17 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
         shards = pipeline.tensor_parallel
         block_bytes = kv_bytes_per_token(config, dtype, shards) * size
         num_blocks = kv_budget_bytes(self.limits.kv_cache_memory, pipeline.device) // block_bytes
-        self.kv_cache = PagedKVCache(config, num_blocks, size, dtype, pipeline.device, shards)
+        graphs = graphs_apply(self.limits.cuda_graphs, pipeline.device, shards)
+        self.kv_cache = PagedKVCache(config, num_blocks, size, dtype, pipeline.device, shards, scratch=graphs)
         self._peers = peers
         if peers is not None:
             peers.share_pool_size(num_blocks, size)
-        self._runner = ModelRunner(pipeline.model, self.kv_cache, pipeline.device, peers)
+        decode_graphs = DecodeGraphs(pipeline.model, self.kv_cache, self.limits.max_running) if graphs else None
+        self._runner = ModelRunner(pipeline.model, self.kv_cache, pipeline.device, peers, decode_graphs)
         self._threads = CpuThreads(pipeline.device, spare_a_core=self.limits.spare_a_core and peers is None)
         self.scheduler = self._new_scheduler()
         # A prompt must leave room in the pool for at least one output token.
-        pipeline.context_length = min(pipeline.context_length, (num_blocks - 1) * size - 1)
+        pipeline.context_length = min(pipeline.context_length, (self.kv_cache.managed_blocks - 1) * size - 1)
         logger.info("KV cache: %d blocks of %d tokens, %.2f GiB", num_blocks, size, self.kv_cache.num_bytes / 2**30)
         self.restarts = 0
 
@@ -79,7 +83,7 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
             self._peers.close()
 
     def _new_scheduler(self) -> Scheduler:
-        blocks = BlockManager(self.kv_cache.num_blocks, self.kv_cache.block_size)
+        blocks = BlockManager(self.kv_cache.managed_blocks, self.kv_cache.block_size)
         return Scheduler(blocks, self.limits.max_running, self.limits.max_prefill_tokens)
 
     # ---- event-loop side -------------------------------------------------------------------------------
