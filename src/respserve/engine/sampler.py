@@ -2,6 +2,13 @@
 
 Every step is one tensor operation over the batch; only the uniform draw of a seeded row comes from its
 own generator, so a seeded request samples the same tokens alone or inside any batch.
+
+Nothing sorts the vocabulary in the common cases. A row without top-k or top-p (OpenAI's defaults) draws by
+inverse CDF over its unsorted probabilities; a truncated row looks only at its `CANDIDATES` most likely
+tokens (or its top_k, if larger), which hold its whole nucleus unless its distribution is nearly flat, and
+only then is the vocabulary sorted. Measured on the 2-core CPU (SmolLM2's 49,152 tokens, one thread): a
+full sort of 32 rows takes 95 ms, more than the decode step itself, and 2.9 ms for one row; top-256 of 32
+rows 3.6 ms, softmax + cumsum + search 2.1 ms.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from typing import Any
 import torch
 
 from respserve.engine.structured_output import GrammarCompiler, apply_grammar_masks
+
+CANDIDATES = 256  # tokens a top-p row samples among before the vocabulary is sorted
 
 
 @dataclass
@@ -63,20 +72,21 @@ class Sampler:
         matchers = [row.matcher for row in rows]
         if any(matcher is not None for matcher in matchers):
             logits = apply_grammar_masks(logits, matchers, self._grammars.tokenizer.vocab_size)
-        greedy = torch.tensor([row.temperature == 0.0 for row in rows], device=logits.device)
-        if bool(greedy.all()):
-            return logits.argmax(dim=-1).cpu()
-
+        tokens = logits.argmax(dim=-1)
+        if all(row.temperature == 0.0 for row in rows):
+            return tokens.cpu()
         temperature = torch.tensor([row.temperature or 1.0 for row in rows], device=logits.device, dtype=logits.dtype)
         scaled = logits / temperature.unsqueeze(1)
-        sorted_logits, sorted_index = scaled.sort(dim=-1, descending=True)
-        sorted_logits = self._mask_top_k(sorted_logits, rows)
-        probs = self._mask_top_p(sorted_logits.softmax(dim=-1), rows)
-        cumulative = probs.cumsum(dim=-1)
-        uniform = self._uniforms(rows).to(logits.device) * cumulative[:, -1]
-        picked = torch.searchsorted(cumulative, uniform.unsqueeze(1)).clamp_(max=probs.shape[1] - 1)
-        sampled = sorted_index.gather(1, picked).squeeze(1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled).cpu()
+        uniforms = self._uniforms(rows).to(logits.device)  # one per row, greedy ones too: seeded draws stay aligned
+        vocab = logits.shape[1]
+        truncated = [0 < row.top_k < vocab or row.top_p < 1.0 for row in rows]
+        whole = [index for index, row in enumerate(rows) if row.temperature != 0.0 and not truncated[index]]
+        if whole:
+            tokens[whole] = _draw(scaled[whole].softmax(dim=-1), uniforms[whole])
+        cut = [index for index, row in enumerate(rows) if row.temperature != 0.0 and truncated[index]]
+        if cut:
+            tokens[cut] = _sample_truncated(scaled[cut], [rows[index] for index in cut], uniforms[cut])
+        return tokens.cpu()
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> list[RowLogprobs | None]:
@@ -117,26 +127,49 @@ class Sampler:
         presence = torch.tensor([row.presence_penalty for row in rows], device=logits.device).unsqueeze(1)
         return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
-    @staticmethod
-    def _mask_top_k(sorted_logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        vocab = sorted_logits.shape[1]
-        top_k = torch.tensor([row.top_k if 0 < row.top_k < vocab else vocab for row in rows])
-        if bool((top_k == vocab).all()):
-            return sorted_logits
-        positions = torch.arange(vocab).unsqueeze(0)
-        beyond = (positions >= top_k.unsqueeze(1)).to(sorted_logits.device)
-        return sorted_logits.masked_fill(beyond, float("-inf"))
-
-    @staticmethod
-    def _mask_top_p(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        top_p = torch.tensor([row.top_p for row in rows], device=probs.device, dtype=probs.dtype)
-        if bool((top_p >= 1.0).all()):
-            return probs
-        # Keep the smallest prefix whose mass reaches top_p; the first token always stays.
-        mass_before = probs.cumsum(dim=-1) - probs
-        return probs.masked_fill(mass_before >= top_p.unsqueeze(1), 0.0)
-
     def _uniforms(self, rows: list[SamplingRow]) -> torch.Tensor:
         draws = [torch.rand(1, generator=row.generator or self._default_generator, dtype=torch.float64) for row in rows]
         # Just below 1 so searchsorted never runs past the last kept token.
         return torch.cat(draws).clamp_(max=1.0 - 1e-7).float()
+
+
+def _sample_truncated(scaled: torch.Tensor, rows: list[SamplingRow], uniforms: torch.Tensor) -> torch.Tensor:
+    """Top-k, then top-p over what is left (renormalised), among each row's most likely tokens."""
+    vocab = scaled.shape[1]
+    top_k = torch.tensor([row.top_k if 0 < row.top_k < vocab else 0 for row in rows], device=scaled.device)
+    values, index = scaled.topk(min(vocab, max(CANDIDATES, int(top_k.max()))), dim=-1)
+    probs = _candidate_probs(scaled, values, top_k)
+    top_p = torch.tensor([row.top_p for row in rows], device=scaled.device, dtype=probs.dtype)
+    tokens = _draw_nucleus(probs, index, top_p, uniforms)
+    wide = ((top_k == 0) & (probs.sum(dim=-1) < top_p)).nonzero().flatten().tolist()
+    if wide:  # a nearly flat row: its nucleus is wider than its candidates, so its whole vocabulary is sorted
+        values, index = scaled[wide].sort(dim=-1, descending=True)
+        probs = _candidate_probs(scaled[wide], values, top_k[wide])
+        tokens[wide] = _draw_nucleus(probs, index, top_p[wide], uniforms[wide])
+    return tokens
+
+
+def _draw_nucleus(
+    probs: torch.Tensor, index: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
+) -> torch.Tensor:
+    """Draws among the smallest prefix of candidates (descending) whose mass reaches top_p (the first always
+    stays); `index` maps candidates to token ids."""
+    nucleus = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p[:, None], 0.0)
+    return index.gather(1, _draw(nucleus, uniforms).unsqueeze(1)).squeeze(1)
+
+
+def _candidate_probs(scaled: torch.Tensor, values: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Probabilities of the candidates `values` (a row's most likely logits, descending): a row with a top_k
+    renormalised over its first top_k, any other row over the whole vocabulary (`scaled`)."""
+    limited = top_k > 0
+    positions = torch.arange(values.shape[1], device=values.device)
+    kept = values.masked_fill(limited[:, None] & (positions[None, :] >= top_k[:, None]), float("-inf"))
+    total = torch.where(limited, kept.logsumexp(dim=-1), scaled.logsumexp(dim=-1))
+    return (kept - total[:, None]).exp()
+
+
+def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One index per row by inverse CDF: the first whose cumulative probability passes the row's uniform."""
+    cumulative = probs.cumsum(dim=-1)
+    picked = torch.searchsorted(cumulative, (uniforms * cumulative[:, -1]).unsqueeze(1))
+    return picked.clamp_(max=probs.shape[1] - 1).squeeze(1)
