@@ -11,6 +11,7 @@ that cannot be installed or started here is reported unavailable, with the reaso
     python scripts/bench.py                                 # the embedded SmolLM2, CPU, all three servers
     python scripts/bench.py --peers respserve,vllm --concurrency 1 8 --requests-per-client 2
     python scripts/bench.py --random-init llama-1b          # a Llama-3.2-1B-shaped model, random weights (GPU)
+    python scripts/bench.py --peers respserve --temperature 1 --ban-eos   # sampled answers of full length
 """
 
 from __future__ import annotations
@@ -120,8 +121,10 @@ async def stream_response(client: httpx.AsyncClient, body: dict) -> tuple[float,
     return started, arrivals, final
 
 
-async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestResult:
-    body = {"model": model, "input": prompt, "temperature": 0, "max_output_tokens": max_tokens}
+async def stream_one(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, sampling: dict | None = None
+) -> RequestResult:
+    body = {"model": model, "input": prompt, "temperature": 0, "max_output_tokens": max_tokens, **(sampling or {})}
     started, arrivals, final = await stream_response(client, body)
     finished = time.perf_counter()
     output_tokens = (final.get("usage") or {}).get("output_tokens") or len(arrivals)
@@ -139,14 +142,21 @@ async def probe_health(client: httpx.AsyncClient, stop: asyncio.Event, latencies
 
 
 async def run_load(
-    base_url: str, server: str, model: str, concurrency: int, per_client: int, max_tokens: int
+    base_url: str,
+    server: str,
+    model: str,
+    concurrency: int,
+    per_client: int,
+    max_tokens: int,
+    sampling: dict | None = None,
 ) -> RunResult:
+    """`sampling`: more body fields (temperature, logit_bias) over greedy decoding."""
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
 
         async def one_client(index: int) -> list[RequestResult]:
             prompts = [PROMPTS[(index + k) % len(PROMPTS)] for k in range(per_client)]
-            return [await stream_one(client, model, prompt, max_tokens) for prompt in prompts]
+            return [await stream_one(client, model, prompt, max_tokens, sampling) for prompt in prompts]
 
         stop, health = asyncio.Event(), []
         prober = asyncio.create_task(probe_health(client, stop, health))
@@ -297,15 +307,30 @@ def plot(results: list[RunResult], path: Path, caption: str) -> None:
 
 def measure_server(name: str, port: int, model: str, args: argparse.Namespace) -> list[RunResult]:
     base_url = f"http://127.0.0.1:{port}"
+    sampling = sampling_fields(args)
     asyncio.run(run_load(base_url, name, model, 1, 1, 16))  # warm-up
     results = []
     for concurrency in args.concurrency:
         result = asyncio.run(
-            run_load(base_url, name, model, concurrency, args.requests_per_client, args.max_output_tokens)
+            run_load(base_url, name, model, concurrency, args.requests_per_client, args.max_output_tokens, sampling)
         )
         results.append(result)
         print(f"  {name} concurrency {concurrency}: {result.tokens_per_s:.1f} output tokens/s", flush=True)
     return results
+
+
+def sampling_fields(args: argparse.Namespace) -> dict:
+    """Body fields beyond greedy decoding: --temperature, and --ban-eos as a -100 logit bias on the model's EOS
+    token (every answer then runs to max_output_tokens; respserve takes it, a peer may refuse the field)."""
+    fields: dict = {}
+    if args.temperature:
+        fields["temperature"] = args.temperature
+    if args.ban_eos:
+        from transformers import AutoTokenizer
+
+        eos = AutoTokenizer.from_pretrained(args.model_folder).eos_token_id
+        fields["logit_bias"] = {str(eos): -100}
+    return fields
 
 
 def main() -> None:
@@ -323,6 +348,8 @@ def main() -> None:
         default=list(SERVERS),
         help=f"the servers to run, in this order, comma-separated (default: {','.join(SERVERS)})",
     )
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    parser.add_argument("--ban-eos", action="store_true", help="every answer runs to --max-output-tokens")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--port", type=int, default=8123)
     args = parser.parse_args()
@@ -346,8 +373,11 @@ def main() -> None:
         # The GGUF, converted once into a safetensors folder under the cache dir: the folder every server loads.
         folder = Path(resolve_model_source(EMBEDDED_MODEL, cache_dir).path)
 
-    caption = f"{folder.name}, {device} {dtype}, {args.max_output_tokens} output tokens greedy, POST /v1/responses"
-    print(f"model {folder} on {device} ({dtype}); {args.max_output_tokens} output tokens, greedy")
+    args.model_folder = folder
+    decoding = f"temperature {args.temperature}" if args.temperature else "greedy"
+    decoding += ", EOS banned" if args.ban_eos else ""
+    caption = f"{folder.name}, {device} {dtype}, {args.max_output_tokens} output tokens {decoding}, POST /v1/responses"
+    print(f"model {folder} on {device} ({dtype}); {args.max_output_tokens} output tokens, {decoding}")
     results: list[RunResult] = []
     unavailable: dict[str, str] = {}
     timings: dict[str, dict[str, float | None]] = {}
@@ -376,6 +406,7 @@ def main() -> None:
         "dtype": dtype,
         "endpoint": "/v1/responses",
         "max_output_tokens": args.max_output_tokens,
+        "sampling": sampling_fields(args),
         "servers": timings,
         "unavailable": unavailable,
         "results": [asdict(r) | {"tokens_per_s": r.tokens_per_s, "requests_per_s": r.requests_per_s} for r in results],
