@@ -16,11 +16,11 @@ from __future__ import annotations
 import base64
 import io
 import ipaddress
-import json
 import struct
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,15 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import OpenResponsesSchema, RunningServer, free_port, parse_sse, sdk_client, start_server, stop_server
+from conftest import (
+    OpenResponsesSchema,
+    RunningServer,
+    free_port,
+    sdk_client,
+    start_server,
+    stop_server,
+    stream_events,
+)
 from PIL import Image
 from transformers import AutoTokenizer
 
@@ -216,19 +224,46 @@ def vlm(
 ) -> Iterator[RunningServer]:
     tokenizer_path = server.state.default_model.worker.pipeline.tokenizer.name_or_path
     folder = BUILDERS[request.param](tokenizer_path, tmp_path_factory.mktemp(request.param) / request.param)
-    settings = load_settings(
+    yield from serve_vlm(folder, tmp_path_factory, allow_image_urls=True)
+
+
+def serve_vlm(folder: Path, tmp_path_factory: pytest.TempPathFactory, **settings: Any) -> Iterator[RunningServer]:
+    """A server for the model `folder` (a fixture's body: yields it, then stops it)."""
+    loaded = load_settings(
         port=free_port(),
-        data_dir=str(tmp_path_factory.mktemp(f"data-{request.param}")),
+        data_dir=str(tmp_path_factory.mktemp(f"data-{folder.name}")),
         model=str(folder),
-        device="cpu",  # float32 on the CPU: the logprobs test compares with transformers' own forward there
+        device="cpu",  # float32 on the CPU: the logprobs tests compare with transformers' own forward there
         dtype="float32",
         kv_cache_memory="64MiB",
-        allow_image_urls=True,
         max_image_pixels=4_000_000,
+        **settings,
     )
-    uv_server, thread, running = start_server(settings)
+    uv_server, thread, running = start_server(loaded)
     yield running
     stop_server(uv_server, thread)
+
+
+@contextmanager
+def prefill_chunks(server: RunningServer, tokens: int) -> Iterator[None]:
+    """Inside, prompts are prefilled `tokens` a step, so that chunks start and end within images."""
+    budget = server.state.default_model.worker.scheduler.prefill_budget
+    limits = budget.max_tokens, budget.idle_tokens
+    budget.max_tokens = budget.idle_tokens = tokens
+    try:
+        yield
+    finally:
+        budget.max_tokens, budget.idle_tokens = limits
+
+
+def checked_stream(http: httpx.Client, schema: OpenResponsesSchema, content: list[Any]) -> list[dict[str, Any]]:
+    """A streamed request of one user turn: its events, each checked against the schema, ending terminally."""
+    events, frames = stream_events(http, {"input": [{"role": "user", "content": content}], "max_output_tokens": 16})
+    assert frames[-1].data == "[DONE]"
+    for event in events:
+        schema.event(event)
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    return events
 
 
 @pytest.fixture(scope="module")
@@ -361,13 +396,7 @@ def test_low_detail_skips_tiling_where_the_processor_tiles(vlm: RunningServer, h
 def test_streamed_and_batched_with_text_requests(
     vlm: RunningServer, http: httpx.Client, schema: OpenResponsesSchema
 ) -> None:
-    payload = {"input": [{"role": "user", "content": [image_part(RED)]}], "stream": True, "max_output_tokens": 16}
-    frames = parse_sse(http.post("/v1/responses", json=payload).text)
-    assert frames[-1].data == "[DONE]"
-    events = [json.loads(frame.data) for frame in frames[:-1]]
-    for event in events:
-        schema.event(event)
-    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    checked_stream(http, schema, [image_part(RED)])
 
     def one(index: int) -> dict[str, Any]:
         content: Any = QUESTION if index % 2 else [image_part(picture((index * 40, 90, 10)))]
@@ -406,10 +435,7 @@ def test_logprobs_match_transformers_forward_with_pixels(vlm: RunningServer, htt
 
     # A picture no earlier test sent (its KV is not cached), prefilled 16 tokens a step: chunks start inside it.
     green = picture((40, 200, 90))
-    budget = vlm.state.default_model.worker.scheduler.prefill_budget
-    limits = budget.max_tokens, budget.idle_tokens
-    budget.max_tokens = budget.idle_tokens = BLOCK
-    try:
+    with prefill_chunks(vlm, BLOCK):
         body = ask(
             http,
             None,
@@ -417,8 +443,6 @@ def test_logprobs_match_transformers_forward_with_pixels(vlm: RunningServer, htt
             include=["message.output_text.logprobs"],
             top_logprobs=5,
         )
-    finally:
-        budget.max_tokens, budget.idle_tokens = limits
     assert body["usage"]["input_tokens"] - body["usage"]["input_tokens_details"]["cached_tokens"] > 2 * BLOCK
     tokens = body["output"][0]["content"][0]["logprobs"][:6]
     assert tokens

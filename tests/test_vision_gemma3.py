@@ -13,7 +13,6 @@ token counts (`detail: "high"` is pan-and-scan), schema-valid bodies and events,
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,21 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from conftest import OpenResponsesSchema, RunningServer, free_port, parse_sse, start_server, stop_server
+from conftest import OpenResponsesSchema, RunningServer
 from PIL import Image
-from test_vision import BLOCK, DONE, QUESTION, TEMPLATE, ask, expansion, image_part, picture
+from test_vision import (
+    BLOCK,
+    DONE,
+    QUESTION,
+    TEMPLATE,
+    ask,
+    checked_stream,
+    expansion,
+    image_part,
+    picture,
+    prefill_chunks,
+    serve_vlm,
+)
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from respserve.config import load_settings
@@ -94,18 +105,7 @@ def build_gemma3(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     folder = build_gemma3(tmp_path_factory.mktemp("gemma3") / "gemma3")
-    settings = load_settings(
-        port=free_port(),
-        data_dir=str(tmp_path_factory.mktemp("data-gemma3")),
-        model=str(folder),
-        device="cpu",  # float32 on the CPU: the logprobs tests compare with transformers' own forward there
-        dtype="float32",
-        kv_cache_memory="64MiB",
-        max_image_pixels=4_000_000,
-    )
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serve_vlm(folder, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -224,13 +224,7 @@ def test_an_image_from_a_data_url_is_read_and_counted(
     assert expansion(gemma, RED) > TOKENS_PER_IMAGE + 2
     assert viewed["usage"]["input_tokens"] == plain["usage"]["input_tokens"] + expansion(gemma, RED)
 
-    payload = {"input": [{"role": "user", "content": [image_part(BLUE)]}], "stream": True, "max_output_tokens": 16}
-    frames = parse_sse(http.post("/v1/responses", json=payload).text)
-    assert frames[-1].data == "[DONE]"
-    events = [json.loads(frame.data) for frame in frames[:-1]]
-    for event in events:
-        schema.event(event)
-    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    events = checked_stream(http, schema, [image_part(BLUE)])
     streamed = events[-1]["response"]["usage"]["input_tokens"]
     assert streamed == ask(http, None, [image_part(BLUE)])["usage"]["input_tokens"]
 
@@ -295,17 +289,12 @@ def test_cached_images_and_chunked_prefill_match_transformers_logprobs(
     shared = next(index for index, (a, b) in enumerate(zip(*ids, strict=False)) if a != b)
     assert first_image % BLOCK and shared > first_image + TOKENS_PER_IMAGE
 
-    budget = gemma.state.default_model.worker.scheduler.prefill_budget
-    limits = budget.max_tokens, budget.idle_tokens
-    budget.max_tokens = budget.idle_tokens = 6  # chunks of 6 tokens: one would end inside the image
-    try:
+    with prefill_chunks(gemma, 6):  # chunks of 6 tokens: one would end inside the image
         first = served(questions[0], GREEN)  # a picture no other test sends: nothing cached
         other_picture = ask(
             http, None, [image_part(BLUE), {"type": "input_text", "text": questions[0]}], instructions=instructions
         )["usage"]
         again = served(questions[1], GREEN)
-    finally:
-        budget.max_tokens, budget.idle_tokens = limits
     assert first["input_tokens_details"]["cached_tokens"] == 0
     # The same placeholders, another picture: only the blocks before the image's are shared...
     assert other_picture["input_tokens_details"]["cached_tokens"] == first_image // BLOCK * BLOCK

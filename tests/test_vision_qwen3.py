@@ -20,7 +20,7 @@ from unittest import mock
 import httpx
 import pytest
 import torch
-from conftest import OpenResponsesSchema, RunningServer, free_port, start_server, stop_server, stream_events
+from conftest import OpenResponsesSchema, RunningServer
 from PIL import Image
 from test_vision import (
     BLOCK,
@@ -30,9 +30,12 @@ from test_vision import (
     ask,
     build_qwen2_5_vl,
     build_qwen2_vl,
+    checked_stream,
     expansion,
     image_part,
     picture,
+    prefill_chunks,
+    serve_vlm,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
@@ -87,18 +90,7 @@ def tokenizer_path() -> str:
 @pytest.fixture(scope="module")
 def vlm(tokenizer_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     folder = build_qwen3_vl(tokenizer_path, tmp_path_factory.mktemp("qwen3_vl") / "qwen3_vl")
-    settings = load_settings(
-        port=free_port(),
-        data_dir=str(tmp_path_factory.mktemp("data-qwen3_vl")),
-        model=str(folder),
-        device="cpu",  # float32 on the CPU: the logits are compared with transformers' own forward there
-        dtype="float32",
-        kv_cache_memory="64MiB",
-        max_image_pixels=4_000_000,
-    )
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serve_vlm(folder, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +115,7 @@ def test_an_image_is_read_in_bodies_and_streams(
     assert expansion(vlm, red) == 30 + 2  # the grid's tokens between the vision start and end tokens
     assert body["usage"]["input_tokens"] == text_only + expansion(vlm, red)
     content = [image_part(picture((20, 20, 220), PICTURE)), {"type": "input_text", "text": QUESTION}]
-    events, frames = stream_events(http, {"input": [{"role": "user", "content": content}], "max_output_tokens": 16})
-    assert frames[-1].data == "[DONE]"
-    for event in events:
-        schema.event(event)
-    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    events = checked_stream(http, schema, content)
     assert events[-1]["response"]["usage"]["input_tokens"] == body["usage"]["input_tokens"]
 
 
@@ -143,10 +131,7 @@ def test_logprobs_match_transformers_forward_with_pixels(vlm: RunningServer, htt
     image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0].tolist()
     assert any(image[0] < cut <= image[-1] for cut in range(BLOCK, len(image) + image[0], BLOCK))  # cut inside
 
-    budget = vlm.state.default_model.worker.scheduler.prefill_budget
-    limits = budget.max_tokens, budget.idle_tokens
-    budget.max_tokens = budget.idle_tokens = BLOCK  # prefilled 16 tokens a step
-    try:
+    with prefill_chunks(vlm, BLOCK):
         body = ask(
             http,
             None,
@@ -154,8 +139,6 @@ def test_logprobs_match_transformers_forward_with_pixels(vlm: RunningServer, htt
             include=["message.output_text.logprobs"],
             top_logprobs=5,
         )
-    finally:
-        budget.max_tokens, budget.idle_tokens = limits
     assert body["usage"]["input_tokens"] - body["usage"]["input_tokens_details"]["cached_tokens"] > 2 * BLOCK
     tokens = body["output"][0]["content"][0]["logprobs"][:6]
     assert tokens
