@@ -256,6 +256,23 @@ def prefill_chunks(server: RunningServer, tokens: int) -> Iterator[None]:
         budget.max_tokens, budget.idle_tokens = limits
 
 
+def chunked_logprobs(server: RunningServer, http: httpx.Client, data: bytes, question: str) -> list[dict[str, Any]]:
+    """The first output tokens' logprobs (5 alternatives each) for a picture and a question, its prompt
+    prefilled a block a step; the picture must be new to the server (its tokens not cached)."""
+    with prefill_chunks(server, BLOCK):
+        body = ask(
+            http,
+            None,
+            [image_part(data), {"type": "input_text", "text": question}],
+            include=["message.output_text.logprobs"],
+            top_logprobs=5,
+        )
+    assert body["usage"]["input_tokens"] - body["usage"]["input_tokens_details"]["cached_tokens"] > 2 * BLOCK
+    tokens = body["output"][0]["content"][0]["logprobs"][:6]
+    assert tokens
+    return tokens
+
+
 def checked_stream(http: httpx.Client, schema: OpenResponsesSchema, content: list[Any]) -> list[dict[str, Any]]:
     """A streamed request of one user turn: its events, each checked against the schema, ending terminally."""
     events, frames = stream_events(http, {"input": [{"role": "user", "content": content}], "max_output_tokens": 16})
@@ -435,17 +452,7 @@ def test_logprobs_match_transformers_forward_with_pixels(vlm: RunningServer, htt
 
     # A picture no earlier test sent (its KV is not cached), prefilled 16 tokens a step: chunks start inside it.
     green = picture((40, 200, 90))
-    with prefill_chunks(vlm, BLOCK):
-        body = ask(
-            http,
-            None,
-            [image_part(green), {"type": "input_text", "text": question}],
-            include=["message.output_text.logprobs"],
-            top_logprobs=5,
-        )
-    assert body["usage"]["input_tokens"] - body["usage"]["input_tokens_details"]["cached_tokens"] > 2 * BLOCK
-    tokens = body["output"][0]["content"][0]["logprobs"][:6]
-    assert tokens
+    tokens = chunked_logprobs(vlm, http, green, question)
     expected = reference(green, len(tokens))
     for step, (token, wanted) in enumerate(zip(tokens, expected, strict=True)):
         served = sorted((top["logprob"] for top in token["top_logprobs"]), reverse=True)

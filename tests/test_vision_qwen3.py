@@ -31,10 +31,10 @@ from test_vision import (
     build_qwen2_5_vl,
     build_qwen2_vl,
     checked_stream,
+    chunked_logprobs,
     expansion,
     image_part,
     picture,
-    prefill_chunks,
     serve_vlm,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -131,17 +131,7 @@ def test_logprobs_match_transformers_forward_with_pixels(vlm: RunningServer, htt
     image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0].tolist()
     assert any(image[0] < cut <= image[-1] for cut in range(BLOCK, len(image) + image[0], BLOCK))  # cut inside
 
-    with prefill_chunks(vlm, BLOCK):
-        body = ask(
-            http,
-            None,
-            [image_part(green), {"type": "input_text", "text": question}],
-            include=["message.output_text.logprobs"],
-            top_logprobs=5,
-        )
-    assert body["usage"]["input_tokens"] - body["usage"]["input_tokens_details"]["cached_tokens"] > 2 * BLOCK
-    tokens = body["output"][0]["content"][0]["logprobs"][:6]
-    assert tokens
+    tokens = chunked_logprobs(vlm, http, green, question)
     for step, token in enumerate(tokens):  # greedy decoding by whole forward passes, no cache
         with torch.no_grad():
             logprobs = torch.log_softmax(model(**inputs).logits[0, -1], -1)
