@@ -41,9 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from respserve.engine.block_manager import NULL_BLOCK
 from respserve.engine.kv_cache import PagedKVCache
-from respserve.engine.paged_attention import StepLayout
+from respserve.engine.paged_attention import StepLayout, padded_tables, read_slots, slot_of
 
 if TYPE_CHECKING:
     from respserve.engine.model_runner import StepInputs
@@ -140,9 +139,7 @@ class DecodeGraphs:
         assert scratch is not None
         ids, positions, tables = (step.input_ids, step.positions, step.block_tables) if step else ([], [], [])
         pad = range(batch - len(tables))
-        slots = [
-            table[position // size] * size + position % size for table, position in zip(tables, positions, strict=True)
-        ]
+        slots = [slot_of(table, position, size) for table, position in zip(tables, positions, strict=True)]
         head = [
             *ids,
             *(0 for _ in pad),
@@ -154,9 +151,7 @@ class DecodeGraphs:
             *(position + 1 for position in positions),  # a row's context, its new token included
             *(1 for _ in pad),  # a padded row reads one slot: the zero block's first
         ]
-        blocks = torch.full((batch, width), NULL_BLOCK, dtype=torch.long)
-        for row, table in enumerate(tables):
-            blocks[row, : len(table[:width])] = torch.tensor(table[:width], dtype=torch.long)
+        blocks = padded_tables([*tables, *([] for _ in pad)], width)  # a padded row's table: the zero block
         return torch.cat([torch.tensor(head, dtype=torch.long), blocks.view(-1)])
 
     def _forward(self, static: _Static) -> torch.Tensor:
@@ -202,15 +197,10 @@ def static_layout(static: _Static, block_size: int) -> StepLayout:
     """The step layout over the static inputs; the slots each row reads are computed here, on the device,
     as `build_step_layout` computes them on the host: past a row's length, the zero block's first slot."""
     batch, width = static.block_tables.shape
-    device = static.block_tables.device
-    offsets = torch.arange(block_size, device=device)
-    slots = (static.block_tables[:, :, None] * block_size + offsets).view(batch, width * block_size)
-    columns = torch.arange(width * block_size, device=device)
-    single_slots = torch.where(columns < static.lengths[:, None], slots, NULL_BLOCK * block_size)
     return StepLayout(
         slot_mapping=static.slot_mapping,
-        single_rows=torch.arange(batch, device=device),
-        single_slots=single_slots,
+        single_rows=torch.arange(batch, device=static.block_tables.device),
+        single_slots=read_slots(static.block_tables, static.lengths, block_size, width * block_size),
         single_lengths=static.lengths,
         chunks=[],
     )

@@ -97,7 +97,7 @@ def build_step_layout(
         if any(last > end for _, last in both_ways):  # its later keys would not be in the pool yet
             raise ValueError(f"a chunk ends at {end}, inside an image attended both ways: {both_ways}")
         if end - start == 1:  # its one slot; the slots it reads are gathered below, with the other rows'
-            slot_mapping.append(table[start // block_size] * block_size + start % block_size)
+            slot_mapping.append(slot_of(table, start, block_size))
             rows.append(flat)
             row_tables.append(table)
             row_lengths.append(end)
@@ -107,15 +107,8 @@ def build_step_layout(
             chunks.append(PrefillChunk(flat, flat + end - start, slots.to(device), start, list(both_ways)))
         flat += end - start
     longest = max(row_lengths, default=0)
-    width = -(-longest // block_size)
-    padded = torch.full((len(row_tables), width), NULL_BLOCK, dtype=torch.long)
-    for index, table in enumerate(row_tables):
-        padded[index, : len(table[:width])] = torch.tensor(table[:width], dtype=torch.long)
-    slots = (padded[:, :, None] * block_size + offsets).reshape(len(row_tables), width * block_size)[:, :longest]
     lengths = torch.tensor(row_lengths, dtype=torch.long)
-    # Past a row's length its last block holds slots never written (uninitialised memory, maybe NaN, which
-    # a zero attention weight would still turn into NaN): read the zero block there instead.
-    single_slots = torch.where(torch.arange(longest) < lengths[:, None], slots, NULL_BLOCK * block_size)
+    single_slots = read_slots(padded_tables(row_tables, -(-longest // block_size)), lengths, block_size, longest)
     return StepLayout(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
         single_rows=torch.tensor(rows, dtype=torch.long, device=device),
@@ -123,6 +116,30 @@ def build_step_layout(
         single_lengths=lengths.to(device),
         chunks=chunks,
     )
+
+
+def slot_of(table: list[int], position: int, block_size: int) -> int:
+    """The pool slot of a sequence's token at `position`, through its block table."""
+    return table[position // block_size] * block_size + position % block_size
+
+
+def padded_tables(tables: list[list[int]], width: int) -> torch.Tensor:
+    """[rows, width] the tables' first `width` blocks, the zero block past a table's end."""
+    padded = torch.full((len(tables), width), NULL_BLOCK, dtype=torch.long)
+    for index, table in enumerate(tables):
+        padded[index, : len(table[:width])] = torch.tensor(table[:width], dtype=torch.long)
+    return padded
+
+
+def read_slots(tables: torch.Tensor, lengths: torch.Tensor, block_size: int, columns: int) -> torch.Tensor:
+    """[rows, columns] the slots each single-query row reads: its blocks' slots up to its length. Past it, its
+    last block holds slots never written (uninitialised memory, maybe NaN, which a zero attention weight
+    would still turn into NaN): the zero block's first slot is read there instead."""
+    offsets = torch.arange(block_size, device=tables.device)
+    rows, width = tables.shape
+    slots = (tables[:, :, None] * block_size + offsets).reshape(rows, width * block_size)[:, :columns]
+    inside = torch.arange(columns, device=tables.device) < lengths[:, None]
+    return torch.where(inside, slots, NULL_BLOCK * block_size)
 
 
 def paged_attention(
