@@ -476,7 +476,7 @@ def test_preempted_image_prompts_recompute_without_changing_a_logit(vlm: Running
         prompt, vision = pipeline.render([ChatMessage("user", f"Picture {index}: {QUESTION}", images=(image,))])
         request = GenerationRequest(f"pre-{index}", prompt, SamplingParams(max_tokens=16, temperature=0), vision)
         sequence = Sequence(request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts)
-        sequence.images = encode_images(model, vision, prompt)
+        sequence.images = encode_images(model, vision)
         sequence.rope_positions = rope_positions(model, vision, prompt)
         sequences.append(sequence)
     block_size = 4

@@ -133,7 +133,7 @@ def image_sequence(
     prompt, vision = pipeline.render(messages)
     request = GenerationRequest(name, prompt, SamplingParams(max_tokens=4, temperature=0), vision)
     sequence = Sequence(request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts)
-    sequence.images = encode_images(model, vision, prompt)
+    sequence.images = encode_images(model, vision)
     return sequence
 
 

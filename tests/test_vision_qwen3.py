@@ -157,7 +157,7 @@ def test_steps_mixing_image_and_text_chunks_and_recomputes_match_transformers(vl
         request = GenerationRequest(f"mix-{index}", prompt, SamplingParams(max_tokens=16, temperature=0), vision)
         sequence = Sequence(request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts)
         if vision is not None:
-            sequence.images = encode_images(model, vision, prompt)
+            sequence.images = encode_images(model, vision)
             assert len(sequence.images.deepstack) == 2
             sequence.rope_positions = rope_positions(model, vision, prompt)
         sequences.append(sequence)

@@ -40,8 +40,7 @@ class VisionInputs:
 
     tensors: dict[str, torch.Tensor]
     image_token_id: int
-    first_image_token: int  # the prompt position of the first placeholder token
-    num_image_tokens: int
+    positions: tuple[int, ...]  # the prompt positions of the placeholder tokens, ascending
     hash_salt: int
     bidirectional_spans: tuple[tuple[int, int], ...] = ()  # Gemma 3: each image's tokens, attended both ways
 
@@ -49,14 +48,22 @@ class VisionInputs:
     def of(
         cls, tensors: dict[str, torch.Tensor], prompt: list[int], image_token_id: int, bidirectional: bool = False
     ) -> VisionInputs:
-        positions = [index for index, token in enumerate(prompt) if token == image_token_id]
+        positions = tuple(index for index, token in enumerate(prompt) if token == image_token_id)
         if not positions:
             raise ValueError("the processor put no image token in the prompt")
         spans = image_spans(positions) if bidirectional else ()
-        return cls(tensors, image_token_id, positions[0], len(positions), _tensor_hash(tensors), spans)
+        return cls(tensors, image_token_id, positions, _tensor_hash(tensors), spans)
+
+    @property
+    def first_image_token(self) -> int:
+        return self.positions[0]
+
+    @property
+    def num_image_tokens(self) -> int:
+        return len(self.positions)
 
 
-def image_spans(positions: list[int]) -> tuple[tuple[int, int], ...]:
+def image_spans(positions: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """[first, last) of each run of consecutive placeholder positions (ascending)."""
     spans: list[tuple[int, int]] = []
     for position in positions:
@@ -100,7 +107,7 @@ class RopePositions:
         return torch.cat([known, after.expand(3, -1)], dim=1)
 
 
-def encode_images(model: Any, vision: VisionInputs, prompt: list[int]) -> ImageEmbeddings:
+def encode_images(model: Any, vision: VisionInputs) -> ImageEmbeddings:
     """Runs the vision tower and projector over the request's images (the worker thread, at admission)."""
     device, dtype = model.device, model.dtype
     tensors = {
@@ -112,7 +119,7 @@ def encode_images(model: Any, vision: VisionInputs, prompt: list[int]) -> ImageE
     features = _rows(output.pooler_output, dtype)
     # Qwen3-VL: per deepstack layer, the images' rows (a tuple per image, as pooler_output is).
     deepstack = tuple(_rows(layer, dtype) for layer in getattr(output, "deepstack_features", None) or ())
-    positions = torch.tensor([i for i, token in enumerate(prompt) if token == vision.image_token_id], dtype=torch.long)
+    positions = torch.tensor(vision.positions, dtype=torch.long)
     for rows in (features, *deepstack):
         if rows.shape[0] != positions.shape[0]:
             raise ValueError(f"the vision encoder made {rows.shape[0]} rows for {positions.shape[0]} image tokens")

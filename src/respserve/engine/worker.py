@@ -142,7 +142,7 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
                     request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts
                 )
                 if request.vision is not None:  # once per request; prefill chunks take their rows from it
-                    sequence.images = encode_images(pipeline.model, request.vision, request.prompt_token_ids)
+                    sequence.images = encode_images(pipeline.model, request.vision)
                     sequence.rope_positions = rope_positions(pipeline.model, request.vision, request.prompt_token_ids)
             except Exception as exc:
                 logger.exception("request %s could not start", request.request_id)
