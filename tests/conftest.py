@@ -126,20 +126,22 @@ def fixed_reply(text: str) -> dict[str, Any]:
     return {"format": {"type": "json_schema", "name": "fixed", "schema": schema, "strict": True}}
 
 
+# The layers of every tiny random text model the tests build (head size 16).
+TINY_LAYERS: dict[str, int] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
 def tiny_qwen3(tokenizer: Any, **overrides: Any) -> Any:
     """A Qwen3 of a few hundred thousand random weights (seeded) over `tokenizer`: a model whose context,
     layers and template a test chooses, built here rather than fetched."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    shape: dict[str, Any] = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "max_position_embeddings": 1024,
-    }
+    shape: dict[str, Any] = {**TINY_LAYERS, "head_dim": 16, "max_position_embeddings": 1024}
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,

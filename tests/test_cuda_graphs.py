@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY_LAYERS
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from respserve.engine.block_manager import NULL_BLOCK, BlockManager
@@ -48,11 +49,7 @@ class _Seq:
 def _model() -> Any:
     config = Qwen3Config(
         vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_LAYERS,
         head_dim=16,
         max_position_embeddings=256,
         layer_types=["sliding_attention", "full_attention"],

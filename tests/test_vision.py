@@ -29,6 +29,7 @@ import openai
 import pytest
 import torch
 from conftest import (
+    TINY_LAYERS,
     OpenResponsesSchema,
     RunningServer,
     free_port,
@@ -71,11 +72,7 @@ def _text_config(tokenizer: Any) -> Any:
 
     return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_LAYERS,
         head_dim=16,
         max_position_embeddings=4096,
         eos_token_id=tokenizer.eos_token_id,
@@ -183,11 +180,7 @@ def _build_qwen(
     processor = processors(image_processor=images, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
     text_config = {
         "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        **TINY_LAYERS,
         "max_position_embeddings": 4096,
         # head_dim 16: 8 rotary frequencies, split over (temporal, height, width).
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},

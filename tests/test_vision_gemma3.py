@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from conftest import OpenResponsesSchema, RunningServer
+from conftest import TINY_LAYERS, OpenResponsesSchema, RunningServer
 from PIL import Image
 from test_vision import (
     BLOCK,
@@ -71,11 +71,7 @@ def build_gemma3(folder: Path) -> Path:
     )
     text = {
         "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        **TINY_LAYERS,
         "head_dim": 16,
         "query_pre_attn_scalar": 32,  # scaling 32**-0.5, not head_dim's: the model's must be used
         "sliding_window": 8,  # shorter than an image: its later tokens see only part of it on that layer
