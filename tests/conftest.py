@@ -126,6 +126,35 @@ def fixed_reply(text: str) -> dict[str, Any]:
     return {"format": {"type": "json_schema", "name": "fixed", "schema": schema, "strict": True}}
 
 
+def decode_greedily(
+    scheduler: Any,
+    runner: Any,
+    max_new: int,
+    check: Callable[[Any, torch.Tensor], None],
+    after_step: Callable[[list[Any]], None] | None = None,
+    steps: int = 500,
+) -> None:
+    """The engine's own loop over what `scheduler` holds: each step run by `runner`, then `after_step(chunks)`,
+    then every sampled row handed to `check(sequence, logits)` before its argmax is appended; a sequence ends
+    at `max_new` output tokens. Ends, within `steps` steps, with nothing running, waiting or refused."""
+    for _ in range(steps):
+        chunks = scheduler.schedule()
+        if not chunks:
+            break
+        logits = runner.run(chunks)
+        scheduler.computed(chunks)
+        if after_step is not None:
+            after_step(chunks)
+        for sequence, row in zip([chunk.sequence for chunk in chunks if chunk.samples], logits, strict=True):
+            check(sequence, row)
+            token = int(row.argmax())
+            sequence.token_ids.append(token)
+            sequence.output_ids.append(token)
+            if len(sequence.output_ids) == max_new:
+                scheduler.finish(sequence)
+    assert not scheduler.running and not scheduler.waiting and not scheduler.too_long
+
+
 # The layers of every tiny random text model the tests build (head size 16).
 TINY_LAYERS: dict[str, int] = {
     "hidden_size": 64,

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from conftest import RunningServer, free_port, never_ends, start_server, stop_server, tiny_qwen3
+from conftest import RunningServer, decode_greedily, free_port, never_ends, start_server, stop_server, tiny_qwen3
 
 from respserve.config import load_settings
 from respserve.engine.block_manager import BlockManager
@@ -59,24 +59,13 @@ def _run_to_the_end(
         scheduler.add(
             Sequence(request, pipeline.tokenizer, pipeline.vocab_size, pipeline.grammars, pipeline.token_texts)
         )
-    for _ in range(500):
-        chunks = scheduler.schedule()
-        if not chunks:
-            break
-        logits = runner.run(chunks)
-        scheduler.computed(chunks)
-        sampling = [chunk.sequence for chunk in chunks if chunk.samples]
-        assert len(sampling) == logits.shape[0]
-        for sequence, row in zip(sampling, logits, strict=True):
-            with torch.inference_mode():
-                expected = reference(torch.tensor([sequence.token_ids])).logits[0, -1]
-            torch.testing.assert_close(row.cpu(), expected, atol=2e-4, rtol=1e-4)
-            token = int(row.argmax())
-            sequence.token_ids.append(token)
-            sequence.output_ids.append(token)
-            if len(sequence.output_ids) == max_new:
-                scheduler.finish(sequence)
-    assert not scheduler.running and not scheduler.waiting and not scheduler.too_long
+
+    def check(sequence: Sequence, row: torch.Tensor) -> None:
+        with torch.inference_mode():
+            expected = reference(torch.tensor([sequence.token_ids])).logits[0, -1]
+        torch.testing.assert_close(row.cpu(), expected, atol=2e-4, rtol=1e-4)
+
+    decode_greedily(scheduler, runner, max_new, check)
     return scheduler
 
 

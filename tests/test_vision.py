@@ -32,6 +32,7 @@ from conftest import (
     TINY_LAYERS,
     OpenResponsesSchema,
     RunningServer,
+    decode_greedily,
     free_port,
     sdk_client,
     start_server,
@@ -482,26 +483,17 @@ def test_preempted_image_prompts_recompute_without_changing_a_logit(vlm: Running
     scheduler.prefill_budget = PrefillBudget(8, idle_tokens=8)  # chunks of 8 tokens, decoding or not
     for sequence in sequences:
         scheduler.add(sequence)
-    for _ in range(400):
-        chunks = scheduler.schedule()
-        if not chunks:
-            break
-        logits = runner.run(chunks)
-        scheduler.computed(chunks)
-        for sequence, row in zip([chunk.sequence for chunk in chunks if chunk.samples], logits, strict=True):
-            vision = sequence.request.vision
-            ids = torch.tensor([sequence.token_ids])
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **vision.tensors}
-            inputs["mm_token_type_ids"] = (ids == vision.image_token_id).int()  # read by Qwen2-VL's family only
-            with torch.inference_mode():
-                expected = reference(**inputs).logits[0, -1]
-            torch.testing.assert_close(row, expected, atol=2e-4, rtol=1e-4)
-            token = int(row.argmax())
-            sequence.token_ids.append(token)
-            sequence.output_ids.append(token)
-            if len(sequence.output_ids) == 16:
-                scheduler.finish(sequence)
-    assert not scheduler.running and not scheduler.waiting and not scheduler.too_long
+
+    def check(sequence: Sequence, row: torch.Tensor) -> None:
+        vision = sequence.request.vision
+        ids = torch.tensor([sequence.token_ids])
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **vision.tensors}
+        inputs["mm_token_type_ids"] = (ids == vision.image_token_id).int()  # read by Qwen2-VL's family only
+        with torch.inference_mode():
+            expected = reference(**inputs).logits[0, -1]
+        torch.testing.assert_close(row, expected, atol=2e-4, rtol=1e-4)
+
+    decode_greedily(scheduler, runner, 16, check, steps=400)
     assert scheduler.preemptions > 0
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from conftest import TINY_LAYERS, OpenResponsesSchema, RunningServer
+from conftest import TINY_LAYERS, OpenResponsesSchema, RunningServer, decode_greedily
 from PIL import Image
 from test_vision import (
     BLOCK,
@@ -150,24 +150,18 @@ def run_engine(model: Any, reference: Any, sequences: list[Sequence], later: Seq
     image_end = cancelled.request.vision.first_image_token + TOKENS_PER_IMAGE
     scheduled: list[Chunk] = []
     worst = 0.0
-    for _ in range(200):
-        chunks = scheduler.schedule()
-        if not chunks:
-            break
+
+    def cancel_after_its_image(chunks: list[Chunk]) -> None:
         scheduled.extend(chunks)
-        logits = runner.run(chunks)
-        scheduler.computed(chunks)
         if cancelled in scheduler.running and cancelled.num_computed >= image_end:
             scheduler.finish(cancelled)  # its published blocks stay cached
             scheduler.add(later)
-        for sequence, row in zip([chunk.sequence for chunk in chunks if chunk.samples], logits, strict=True):
-            worst = max(worst, float((row - reference_logits(reference, sequence)).abs().max()))
-            token = int(row.argmax())
-            sequence.token_ids.append(token)
-            sequence.output_ids.append(token)
-            if len(sequence.output_ids) == 4:
-                scheduler.finish(sequence)
-    assert not scheduler.running and not scheduler.waiting and not scheduler.too_long
+
+    def measure(sequence: Sequence, row: torch.Tensor) -> None:
+        nonlocal worst
+        worst = max(worst, float((row - reference_logits(reference, sequence)).abs().max()))
+
+    decode_greedily(scheduler, runner, 4, measure, after_step=cancel_after_its_image, steps=200)
     return scheduled, worst
 
 

@@ -20,7 +20,7 @@ from unittest import mock
 import httpx
 import pytest
 import torch
-from conftest import OpenResponsesSchema, RunningServer
+from conftest import OpenResponsesSchema, RunningServer, decode_greedily
 from PIL import Image
 from test_vision import (
     BLOCK,
@@ -172,36 +172,31 @@ def test_steps_mixing_image_and_text_chunks_and_recomputes_match_transformers(vl
     for sequence in sequences:
         scheduler.add(sequence)
     mixed = deepstack_checked = 0
-    for _ in range(400):
-        chunks = scheduler.schedule()
-        if not chunks:
-            break
+
+    def count_mixed(chunks: list[Any]) -> None:
+        nonlocal mixed
         step = StepInputs.of(chunks)
         if step.deepstack_features and any(chunk.sequence.images is None for chunk in chunks):
             mixed += 1
-        logits = runner.run(chunks)
-        scheduler.computed(chunks)
-        for sequence, row in zip([chunk.sequence for chunk in chunks if chunk.samples], logits, strict=True):
-            ids = torch.tensor([sequence.token_ids])
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            vision = sequence.request.vision
-            if vision is not None:
-                inputs |= {**vision.tensors, "mm_token_type_ids": (ids == vision.image_token_id).int()}
-            with torch.inference_mode():
-                expected = reference(**inputs).logits[0, -1]
-            torch.testing.assert_close(row, expected, atol=2e-4, rtol=1e-4)
-            if vision is not None and not deepstack_checked:
-                language_model = reference.model.language_model
-                with torch.inference_mode(), mock.patch.object(language_model, "_deepstack_process", _unchanged):
-                    without = reference(**inputs).logits[0, -1]
-                assert (without - expected).abs().max() > 1e-2  # dropping deepstack changes the logits
-                deepstack_checked += 1
-            token = int(row.argmax())
-            sequence.token_ids.append(token)
-            sequence.output_ids.append(token)
-            if len(sequence.output_ids) == 16:
-                scheduler.finish(sequence)
-    assert not scheduler.running and not scheduler.waiting and not scheduler.too_long
+
+    def check(sequence: Sequence, row: torch.Tensor) -> None:
+        nonlocal deepstack_checked
+        ids = torch.tensor([sequence.token_ids])
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        vision = sequence.request.vision
+        if vision is not None:
+            inputs |= {**vision.tensors, "mm_token_type_ids": (ids == vision.image_token_id).int()}
+        with torch.inference_mode():
+            expected = reference(**inputs).logits[0, -1]
+        torch.testing.assert_close(row, expected, atol=2e-4, rtol=1e-4)
+        if vision is not None and not deepstack_checked:
+            language_model = reference.model.language_model
+            with torch.inference_mode(), mock.patch.object(language_model, "_deepstack_process", _unchanged):
+                without = reference(**inputs).logits[0, -1]
+            assert (without - expected).abs().max() > 1e-2  # dropping deepstack changes the logits
+            deepstack_checked += 1
+
+    decode_greedily(scheduler, runner, 16, check, after_step=count_mixed, steps=400)
     assert mixed > 0 and deepstack_checked and scheduler.preemptions > 0
 
 
