@@ -254,6 +254,13 @@ def spawn_server(port: int, data_dir: Path, *flags: str) -> subprocess.Popen[byt
     return process
 
 
+def serving(settings: Settings) -> Iterator[RunningServer]:
+    """A fixture's body: the server for `settings`, yielded, then stopped."""
+    uv_server, thread, running = start_server(settings)
+    yield running
+    stop_server(uv_server, thread)
+
+
 def stop_server(uv_server: uvicorn.Server, thread: threading.Thread) -> None:
     uv_server.should_exit = True
     thread.join(60)
@@ -262,9 +269,7 @@ def stop_server(uv_server: uvicorn.Server, thread: threading.Thread) -> None:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     data_dir = tmp_path_factory.mktemp("data")
-    uv_server, thread, running = start_server(load_settings(port=free_port(), data_dir=str(data_dir)))
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(load_settings(port=free_port(), data_dir=str(data_dir)))
 
 
 POSTGRES_URL = os.environ.get("RESPSERVE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")

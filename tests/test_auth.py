@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from conftest import RunningServer, free_port, long_job, sdk_client, sdk_kwargs, start_server, stop_server
+from conftest import RunningServer, free_port, long_job, sdk_client, sdk_kwargs, serving
 
 from respserve.config import load_settings
 
@@ -18,9 +18,7 @@ KEYS = ["key-alice", "key-bob"]
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     data_dir = tmp_path_factory.mktemp("keyed")
     settings = load_settings(port=free_port(), api_keys=KEYS, data_dir=str(data_dir), protect_metrics=True)
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(settings)
 
 
 def _client(server: RunningServer, key: str) -> openai.OpenAI:

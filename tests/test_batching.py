@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import RunningServer, free_port, long_job, never_ends, start_server, stop_server, wait_for
+from conftest import RunningServer, free_port, long_job, never_ends, serving, wait_for
 
 from respserve.config import load_settings
 from respserve.engine.sequence import Sequence
@@ -99,9 +99,7 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
     """A second server with one running slot and one queue place, to reach the bounds quickly."""
     data_dir = tmp_path_factory.mktemp("small")
     settings = load_settings(port=free_port(), max_running=1, max_queued=1, data_dir=str(data_dir))
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(settings)
 
 
 def test_queue_bound_gives_429_and_disconnects_free_slots(small_server: RunningServer, server: RunningServer) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import RunningServer, free_port, scripted_model, start_server, stop_server
+from conftest import RunningServer, free_port, scripted_model, serving, start_server, stop_server
 
 from respserve.config import load_settings
 
@@ -78,9 +78,7 @@ def calling_model(server: RunningServer, tmp_path_factory: pytest.TempPathFactor
 def codex_server(ending_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     data_dir = tmp_path_factory.mktemp("codex-data")
     settings = load_settings(port=free_port(), model=str(ending_model), data_dir=str(data_dir))
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(settings)
 
 
 def run_codex(codex: Path, server: RunningServer, home: Path, prompt: str) -> subprocess.CompletedProcess[str]:

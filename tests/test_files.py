@@ -27,8 +27,7 @@ from conftest import (
     free_port,
     prompt_tokens,
     sdk_client,
-    start_server,
-    stop_server,
+    serving,
 )
 
 from respserve.config import load_settings
@@ -52,9 +51,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         max_file_pages=20,
         max_file_chars=20_000,
     )
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(settings)
 
 
 @pytest.fixture(scope="module")

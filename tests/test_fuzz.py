@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from conftest import RunningServer, free_port, start_server, stop_server
+from conftest import RunningServer, free_port, serving
 from hypothesis import HealthCheck, given, settings
 
 from respserve.config import load_settings
@@ -18,9 +18,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
     # Short generations: the fuzzer sends thousands of valid requests too.
     data_dir = str(tmp_path_factory.mktemp("fuzz"))
     settings = load_settings(port=free_port(), data_dir=data_dir, max_output_tokens=16, request_timeout_s=20)
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(settings)
 
 
 def test_every_route_survives_generated_requests(fuzz_server: RunningServer) -> None:

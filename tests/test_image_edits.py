@@ -18,7 +18,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import OpenResponsesSchema, RunningServer, free_port, start_server, stop_server, stream_events, wait_for
+from conftest import (
+    OpenResponsesSchema,
+    RunningServer,
+    free_port,
+    serving,
+    stream_events,
+    wait_for,
+)
 from PIL import Image
 
 from respserve.api.image_decoding import as_mask
@@ -40,9 +47,7 @@ def edit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
     specs = [f"{kind}={build(kind, root / kind)}" for kind in MODELS]
     data_dir = str(tmp_path_factory.mktemp("edit-data"))
     settings = load_settings(port=free_port(), data_dir=data_dir, image_models=specs, image_max_side=128)
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(settings)
 
 
 @pytest.fixture(scope="module")

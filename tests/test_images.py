@@ -20,8 +20,7 @@ from conftest import (
     RunningServer,
     free_port,
     sdk_client,
-    start_server,
-    stop_server,
+    serving,
     stream_events,
     wait_for,
 )
@@ -45,9 +44,7 @@ def image_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
     settings = load_settings(
         port=free_port(), data_dir=str(tmp_path_factory.mktemp("image-data")), image_models=specs, image_max_side=256
     )
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(settings)
 
 
 @pytest.fixture(scope="module")

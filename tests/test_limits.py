@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import RunningServer, free_port, long_job, start_server, stop_server, wait_for
+from conftest import RunningServer, free_port, long_job, serving, wait_for
 
 from respserve.config import load_settings
 
@@ -19,9 +19,7 @@ def limited_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
         max_body_bytes=4096,
         max_output_tokens=20,
     )
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(settings)
 
 
 def test_large_bodies_get_413(limited_server: RunningServer) -> None:
@@ -53,9 +51,7 @@ def impatient_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runni
     settings = load_settings(
         port=free_port(), data_dir=str(tmp_path_factory.mktemp("impatient")), request_timeout_s=0.3
     )
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(settings)
 
 
 def test_slow_requests_time_out_and_free_their_slot(impatient_server: RunningServer, server: RunningServer) -> None:

@@ -13,8 +13,7 @@ from conftest import (
     RunningServer,
     ban,
     free_port,
-    start_server,
-    stop_server,
+    serving,
     stream_events,
     tiny_qwen3,
 )
@@ -54,9 +53,7 @@ def thinking_server(thinking_model: Path, tmp_path_factory: pytest.TempPathFacto
     settings = load_settings(
         port=free_port(), model=str(thinking_model), data_dir=str(tmp_path_factory.mktemp("thinking-data"))
     )
-    uv_server, thread, running = start_server(settings)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(settings)
 
 
 def _token_outputs(tokenizer, text: str) -> list[GenerationOutput]:

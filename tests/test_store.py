@@ -20,8 +20,7 @@ from conftest import (
     prompt_tokens,
     sdk_client,
     sdk_kwargs,
-    start_server,
-    stop_server,
+    serving,
     wait_for,
 )
 
@@ -33,9 +32,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     """Every test here runs on both stores: SQLite in a data dir, and a fresh schema in PostgreSQL."""
     store = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
     data_dir = tmp_path_factory.mktemp(f"store-{request.param}")
-    uv_server, thread, running = start_server(load_settings(port=free_port(), data_dir=str(data_dir), store=store))
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(load_settings(port=free_port(), data_dir=str(data_dir), store=store))
 
 
 @pytest.fixture(scope="module")

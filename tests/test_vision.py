@@ -35,8 +35,7 @@ from conftest import (
     decode_greedily,
     free_port,
     sdk_client,
-    start_server,
-    stop_server,
+    serving,
     stream_events,
 )
 from PIL import Image
@@ -233,9 +232,7 @@ def serve_vlm(folder: Path, tmp_path_factory: pytest.TempPathFactory, **settings
         max_image_pixels=4_000_000,
         **settings,
     )
-    uv_server, thread, running = start_server(loaded)
-    yield running
-    stop_server(uv_server, thread)
+    yield from serving(loaded)
 
 
 @contextmanager
