@@ -12,7 +12,7 @@ from respserve.api.image_inputs import ImageLimits
 from respserve.api.input_items import context_items
 from respserve.api.output_parsers import OutputParser, ReasoningParser
 from respserve.api.state import AppState, ServedModel
-from respserve.api.tool_calling import ToolPlan, plan_tools
+from respserve.api.tool_calling import ToolParserName, ToolPlan, plan_tools
 from respserve.engine.generation import ChatMessage, GenerationRequest, SamplingParams, ToolSpec
 from respserve.engine.structured_output import GrammarCompiler, InvalidGrammar
 from respserve.engine.text_pipeline import ContextLengthExceeded, TextPipeline
@@ -52,12 +52,9 @@ async def plan_generation(
 ) -> tuple[GenerationRequest, ToolPlan]:
     pipeline = served.worker.pipeline
     images = ImageLimits.from_settings(state.settings) if pipeline.accepts_images else None
-    # Decoding images is CPU work: off the event loop, as rendering is.
-    messages = await asyncio.to_thread(build_chat_messages, body, context, served.name, images)
-    # Compiling schemas (and, the first time, the grammar tokenizer) is CPU work: off the event loop.
-    plan = await asyncio.to_thread(plan_tools, body, pipeline.grammars, state.settings.tool_parser, mcp_tools)
-    grammar = plan.grammar or await asyncio.to_thread(_grammar, body, pipeline.grammars)
-    prompt, vision = await asyncio.to_thread(_render, pipeline, messages, plan.tools, body.truncation == "auto")
+    plan, grammar, prompt, vision = await asyncio.to_thread(
+        _prepare, body, context, served.name, images, pipeline, state.settings.tool_parser, mcp_tools
+    )
     room = pipeline.context_length - len(prompt)
     # The server's cap applies to every request, whatever it asks for.
     max_tokens = min(body.max_output_tokens or state.settings.max_output_tokens, state.settings.max_output_tokens, room)
@@ -75,6 +72,25 @@ async def plan_generation(
         grammar=grammar,
     )
     return GenerationRequest(request_id=new_id("req"), prompt_token_ids=prompt, sampling=sampling, vision=vision), plan
+
+
+def _prepare(
+    body: CreateResponseRequest,
+    context: list[InputItem],
+    model_name: str,
+    images: ImageLimits | None,
+    pipeline: TextPipeline,
+    tool_parser: ToolParserName,
+    mcp_tools: dict[str, list[dict[str, Any]]] | None,
+) -> tuple[ToolPlan, str | None, list[int], VisionInputs | None]:
+    """The request's CPU work, in one trip off the event loop: decoding its images, compiling its schemas
+    (the first time, the grammar tokenizer too) and rendering its prompt; (tool plan, grammar, prompt ids,
+    image inputs)."""
+    messages = build_chat_messages(body, context, model_name, images)
+    plan = plan_tools(body, pipeline.grammars, tool_parser, mcp_tools)
+    grammar = plan.grammar or _grammar(body, pipeline.grammars)
+    prompt, vision = _render(pipeline, messages, plan.tools, body.truncation == "auto")
+    return plan, grammar, prompt, vision
 
 
 def _render(
