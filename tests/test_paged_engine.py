@@ -17,7 +17,7 @@ from conftest import RunningServer, decode_greedily, free_port, never_ends, star
 
 from respserve.config import load_settings
 from respserve.engine.block_manager import BlockManager
-from respserve.engine.cpu_threads import SMALL_STEP_ROWS, CpuThreads
+from respserve.engine.cpu_threads import SMALL_STEP_ROWS, CpuThreads, ThreadChoice
 from respserve.engine.fused_projections import FusedSibling, fuse_projections
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes
@@ -143,17 +143,48 @@ def test_the_prefill_budget_keeps_a_mixed_step_within_its_slowdown_of_a_decode_s
     assert budget.tokens(decoding=True) == 16
 
 
-def test_small_steps_leave_a_core_to_the_rest_of_the_server() -> None:
+def test_small_steps_try_both_thread_counts_then_keep_the_faster() -> None:
+    choice = ThreadChoice((2, 1))
+    seconds = {2: 0.010, 1: 0.006}  # one thread comes round faster here
+    picks = []
+    for _ in range(200):
+        threads = choice.pick()
+        picks.append(threads)
+        choice.observe(threads, seconds[threads])
+    assert picks[:16] == [2, 1] * 8  # alternating trials first
+    assert choice.best == 1
+    retries = [step for step, threads in enumerate(picks[16:], 17) if threads == 2]
+    assert retries == [50, 100, 150, 200]  # then the faster, with a retry of the other every 50 steps
+    seconds[2] = 0.001  # the load changed: two threads are now far faster, which the retries find
+    for _ in range(500):
+        threads = choice.pick()
+        choice.observe(threads, seconds[threads])
+    assert choice.best == 2
+
+
+def test_thread_counts_are_set_per_step_and_idle_time_is_not_measured() -> None:
     cores = torch.get_num_threads()
     threads = CpuThreads(torch.device("cpu"))
+    assert not CpuThreads(torch.device("cuda")).enabled
+    if not threads.enabled:
+        assert not 2 <= cores <= 4
+        return
     try:
-        threads.for_step(SMALL_STEP_ROWS)
-        assert torch.get_num_threads() == (cores - 1 if 2 <= cores <= 4 else cores)
-        threads.for_step(SMALL_STEP_ROWS + 1)
+        seen = []
+        for _ in range(4):
+            threads.for_step(SMALL_STEP_ROWS)
+            seen.append(torch.get_num_threads())
+        assert seen == [cores, cores - 1, cores, cores - 1]
+        threads.for_step(SMALL_STEP_ROWS + 1)  # a large step takes every core and measures nothing
         assert torch.get_num_threads() == cores
+        measured = threads.choices[SMALL_STEP_ROWS.bit_length()]
+        assert sum(measured.trials.values()) == 4
+        threads.for_step(1)
+        threads.idle()  # the worker waited for requests: that wait is nobody's step time
+        threads.for_step(1)
+        assert sum(threads.choices[1].trials.values()) == 0
     finally:
         torch.set_num_threads(cores)
-    assert not CpuThreads(torch.device("cuda")).enabled
 
 
 class _Tokens:

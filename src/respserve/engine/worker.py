@@ -112,7 +112,10 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
 
     def _step(self) -> None:
         scheduler = self.scheduler
-        self._receive(block=not scheduler.running and not scheduler.waiting)
+        idle = not scheduler.running and not scheduler.waiting
+        if idle:
+            self._threads.idle()
+        self._receive(block=idle)
         self._drop_cancelled()
         chunks = scheduler.schedule()
         for sequence in scheduler.too_long:
