@@ -24,6 +24,7 @@ from respserve.api.routes import conversations, files, health, images, models, r
 from respserve.api.routes import metrics as metrics_routes
 from respserve.api.state import AppState, ServedImageModel, ServedModel
 from respserve.config import Settings
+from respserve.engine.cpu_threads import on_passing_thread
 from respserve.engine.device import pick_device
 from respserve.engine.image_pipeline import ImagePipeline
 from respserve.engine.image_worker import ImageWorker, ImageWorkerLimits
@@ -97,10 +98,10 @@ def create_app(settings: Settings) -> FastAPI:
             if interrupted:
                 logger.warning("marked %d responses interrupted by a restart as failed", interrupted)
         await state.background.connect()
-        served = load_text_model(settings)
+        served, image_models = on_passing_thread(lambda: (load_text_model(settings), load_image_models(settings)))
         state.models[served.name] = served
         metrics.watch(served.worker)
-        for image_model in load_image_models(settings):
+        for image_model in image_models:
             state.models[image_model.name] = image_model
             metrics.watch_images(image_model.name, image_model.worker)
         logger.info("serving %s; store in %s", ", ".join(state.models), settings.data_dir)
