@@ -186,6 +186,10 @@ def test_thread_counts_are_set_per_step_and_idle_time_is_not_measured() -> None:
         threads.idle()  # the worker waited for requests: that wait is nobody's step time
         threads.for_step(1)
         assert sum(threads.choices[1].trials.values()) == 0
+        threads.for_step(1)  # the second trial: one core fewer
+        assert torch.get_num_threads() == cores - 1
+        threads.restore()  # a stopping worker leaves the process's count as it found it
+        assert torch.get_num_threads() == cores
     finally:
         torch.set_num_threads(cores)
 

@@ -103,6 +103,12 @@ class CpuThreads:
         """The worker waits for requests: the time until the next step is not the last step's."""
         self._last = None
 
+    def restore(self) -> None:
+        """torch's thread count as it was before the first step (it is the whole process's)."""
+        if self.enabled and self._current != self.cores:
+            torch.set_num_threads(self.cores)
+            self._current = self.cores
+
 
 def on_passing_thread(load: Callable[[], T]) -> T:
     """`load()` run on a thread of its own that ends when it returns: its result, or its error raised here.

@@ -79,6 +79,7 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
 
     def stop(self, timeout: float = 5.0) -> None:
         super().stop(timeout)
+        self._threads.restore()  # for whatever runs next in this process (tests serve many times)
         if self._peers is not None:  # after the worker thread, which is the only other user of the group
             self._peers.close()
 
