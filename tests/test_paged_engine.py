@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
-import threading
-import time
 from typing import Any
 
 import httpx
@@ -20,7 +17,7 @@ from conftest import RunningServer, decode_greedily, free_port, never_ends, star
 
 from respserve.config import load_settings
 from respserve.engine.block_manager import BlockManager
-from respserve.engine.cpu_threads import SMALL_STEP_ROWS, CpuThreads, ThreadChoice, on_passing_thread
+from respserve.engine.cpu_threads import SMALL_STEP_ROWS, CpuThreads, ThreadChoice
 from respserve.engine.fused_projections import FusedSibling, fuse_projections
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes
@@ -297,46 +294,3 @@ def test_requests_wait_for_kv_blocks_rather_than_fail(tmp_path) -> None:  # noqa
         assert too_long.json()["error"]["code"] == "context_length_exceeded"
     finally:
         stop_server(uv_server, thread)
-
-
-def _os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
-def _settled_threads(expected: int) -> int:
-    """The process's OS threads once they stop changing toward `expected` (an ending OpenMP team's threads
-    exit just after their thread does), within a second."""
-    deadline = time.monotonic() + 1.0
-    while _os_threads() != expected and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return _os_threads()
-
-
-def test_a_passing_thread_takes_its_openmp_team_with_it() -> None:
-    """What the server's model loading relies on (cpu_threads.on_passing_thread): the team of threads OpenMP
-    makes for a thread that runs a parallel op lives as long as that thread, and no longer."""
-    if torch.get_num_threads() < 2:
-        pytest.skip("with one torch thread OpenMP makes no team")
-
-    def parallel_op() -> float:
-        return float(torch.randn(1 << 22).exp_().sum())  # large enough to run on every torch thread
-
-    before = _os_threads()
-    release, ran = threading.Event(), threading.Event()
-
-    def staying() -> None:
-        parallel_op()
-        ran.set()
-        release.wait()
-
-    thread = threading.Thread(target=staying)
-    thread.start()
-    ran.wait()
-    assert _os_threads() >= before + 2  # the thread, and at least one team thread beside it
-    release.set()
-    thread.join()
-    assert _settled_threads(before) == before
-    assert on_passing_thread(parallel_op) > 0
-    assert _settled_threads(before) == before
-    with pytest.raises(ZeroDivisionError):  # its error reaches the caller
-        on_passing_thread(lambda: 1 / 0)

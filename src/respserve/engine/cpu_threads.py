@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 import torch
 
@@ -31,8 +28,6 @@ _MAX_CORES_SPARED = 4  # on bigger CPUs one spare core is plenty; this bounds wh
 _TRIALS = 8  # steps measured with each count before choosing
 _RETRY_EVERY = 50  # then one step in this many tries the count not chosen
 _SMOOTHING = 0.2  # weight of a new measurement in a count's running mean
-
-T = TypeVar("T")
 
 
 class ThreadChoice:
@@ -108,17 +103,3 @@ class CpuThreads:
         if self.enabled and self._current != self.cores:
             torch.set_num_threads(self.cores)
             self._current = self.cores
-
-
-def on_passing_thread(load: Callable[[], T]) -> T:
-    """`load()` run on a thread of its own that ends when it returns: its result, or its error raised here.
-
-    OpenMP keeps a team of threads for every thread that ran a parallel torch op, for as long as that thread
-    lives. With more of them than cores, libgomp stops spinning between parallel regions, so each of the
-    hundreds a decode step runs costs a sleep and a wake-up. Models loaded on the main thread left it such a
-    team beside the worker thread's; loaded on a thread that ends, they leave none (Intel Xeon, 2 cores,
-    SmolLM2 float32, the worker's one-row decode steps: 64-76 ms after a load on the main thread, 50-62 ms
-    after one on a passing thread).
-    """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="respserve-load") as pool:
-        return pool.submit(load).result()
