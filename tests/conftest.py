@@ -155,6 +155,20 @@ def decode_greedily(
     assert not scheduler.running and not scheduler.waiting and not scheduler.too_long
 
 
+class TextTokens:
+    """A text sequence as the block manager and `StepInputs.of` read it: its tokens and blocks, no images."""
+
+    def __init__(self, token_ids: list[int]) -> None:
+        self.token_ids = token_ids
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_computed = 0
+        self.hash_salt: tuple[int, int] | None = None
+        self.images = None
+        self.rope_positions = None
+        self.image_spans: tuple[tuple[int, int], ...] = ()
+
+
 # The layers of every tiny random text model the tests build (head size 16).
 TINY_LAYERS: dict[str, int] = {
     "hidden_size": 64,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_LAYERS
+from conftest import TINY_LAYERS, TextTokens
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from respserve.engine.block_manager import NULL_BLOCK, BlockManager
@@ -30,20 +30,6 @@ from respserve.engine.scheduler import Chunk
 
 BLOCK = 4
 NUM_BLOCKS = 32
-
-
-class _Seq:
-    """A sequence as the block manager and `StepInputs.of` read it: tokens, blocks, no images."""
-
-    def __init__(self, token_ids: list[int]) -> None:
-        self.token_ids = token_ids
-        self.block_table: list[int] = []
-        self.block_hashes: list[int] = []
-        self.num_computed = 0
-        self.hash_salt = None
-        self.images = None
-        self.rope_positions = None
-        self.image_spans: tuple[tuple[int, int], ...] = ()
 
 
 def _model() -> Any:
@@ -67,7 +53,7 @@ def _pool(model: Any, device: str, scratch: bool = False) -> PagedKVCache:
     return cache
 
 
-def _decode(sequences: list[_Seq]) -> list[Chunk]:
+def _decode(sequences: list[TextTokens]) -> list[Chunk]:
     return [Chunk(seq, len(seq.token_ids) - 1, len(seq.token_ids)) for seq in sequences]  # type: ignore[arg-type]
 
 
@@ -77,8 +63,8 @@ def _run_in_lockstep(runners: list[ModelRunner], graphs: DecodeGraphs, atol: flo
     others against it. Returns every block a sequence held."""
     blocks = BlockManager(runners[-1].cache.managed_blocks, BLOCK)
     torch.manual_seed(5)
-    sequences = [_Seq(torch.randint(0, 256, (length,)).tolist()) for length in (5, 13, 2)]
-    late = _Seq(torch.randint(0, 256, (7,)).tolist())
+    sequences = [TextTokens(torch.randint(0, 256, (length,)).tolist()) for length in (5, 13, 2)]
+    late = TextTokens(torch.randint(0, 256, (7,)).tolist())
     held: set[int] = set()
     padded_logits: list[torch.Tensor] = []
     chunks = [Chunk(seq, 0, len(seq.token_ids)) for seq in sequences]  # type: ignore[arg-type]
@@ -140,7 +126,7 @@ def test_the_scratch_block_is_carved_from_the_pool_and_never_handed_out() -> Non
     assert scratched.scratch_block == NUM_BLOCKS - 1 and scratched.managed_blocks == NUM_BLOCKS - 1
     assert scratched.num_bytes == plain.num_bytes  # within the same --kv-cache-memory budget
     blocks = BlockManager(scratched.managed_blocks, BLOCK)
-    everything = _Seq(list(range((NUM_BLOCKS - 2) * BLOCK)))  # every block but the zero one
+    everything = TextTokens(list(range((NUM_BLOCKS - 2) * BLOCK)))  # every block but the zero one
     assert blocks.allocate(everything) and blocks.num_available == 0
     assert NULL_BLOCK not in everything.block_table and scratched.scratch_block not in everything.block_table
     with pytest.raises(ValueError, match="scratch"):
@@ -168,7 +154,7 @@ def test_static_padded_decode_steps_match_the_eager_path_on_the_cpu() -> None:
 
 
 def test_steps_with_prefill_chunks_stay_eager() -> None:
-    prompt, decoding = _Seq([1, 2, 3]), _Seq([4, 5])
+    prompt, decoding = TextTokens([1, 2, 3]), TextTokens([4, 5])
     prompt.block_table, decoding.block_table = [1], [2]
     mixed = [Chunk(decoding, 1, 2), Chunk(prompt, 0, 3)]  # type: ignore[arg-type]
     assert not is_pure_decode(StepInputs.of(mixed))
@@ -184,7 +170,7 @@ def test_a_failed_capture_leaves_decode_steps_eager(caplog: pytest.LogCaptureFix
     graphs = DecodeGraphs(model, _pool(model, "cpu", scratch=True), max_batch=8)  # capture on, no CUDA here
     runner = ModelRunner(model, graphs.cache, torch.device("cpu"), graphs=graphs)
     blocks = BlockManager(graphs.cache.managed_blocks, BLOCK)
-    sequences = [_Seq([3, 1, 4, 1, 5]), _Seq([9, 2])]
+    sequences = [TextTokens([3, 1, 4, 1, 5]), TextTokens([9, 2])]
     for seq in sequences:
         assert blocks.allocate(seq)
     prefill = [Chunk(seq, 0, len(seq.token_ids)) for seq in sequences]  # type: ignore[arg-type]

@@ -13,7 +13,16 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from conftest import RunningServer, decode_greedily, free_port, never_ends, start_server, stop_server, tiny_qwen3
+from conftest import (
+    RunningServer,
+    TextTokens,
+    decode_greedily,
+    free_port,
+    never_ends,
+    start_server,
+    stop_server,
+    tiny_qwen3,
+)
 
 from respserve.config import load_settings
 from respserve.engine.block_manager import BlockManager
@@ -191,42 +200,31 @@ def test_thread_counts_are_set_per_step_and_idle_time_is_not_measured() -> None:
         torch.set_num_threads(cores)
 
 
-class _Tokens:
-    """A sequence as the block manager sees it."""
-
-    def __init__(self, token_ids: list[int]) -> None:
-        self.token_ids = token_ids
-        self.block_table: list[int] = []
-        self.block_hashes: list[int] = []
-        self.num_computed = 0
-        self.hash_salt: tuple[int, int] | None = None
-
-
 def test_block_manager_shares_published_prefixes_and_evicts_the_least_recently_released() -> None:
     blocks = BlockManager(num_blocks=9, block_size=4)  # block 0 is the zero block: 8 to hand out
-    first = _Tokens(list(range(10)))
+    first = TextTokens(list(range(10)))
     assert blocks.allocate(first) and first.num_computed == 0 and len(first.block_table) == 3
     first.num_computed = 10
     blocks.publish(first)  # two full blocks: tokens 0-3 and 4-7
     assert len(first.block_hashes) == 2
 
-    same_start = _Tokens([*range(8), 99, 98, 97])
+    same_start = TextTokens([*range(8), 99, 98, 97])
     assert blocks.allocate(same_start) and same_start.num_computed == 8
     assert same_start.block_table[:2] == first.block_table[:2]
     # Never the whole prompt: its last token is computed for its logits.
-    exactly = _Tokens(list(range(8)))
+    exactly = TextTokens(list(range(8)))
     assert blocks.allocate(exactly) and exactly.num_computed == 4
     for sequence in (first, same_start, exactly):
         blocks.free(sequence)
     assert blocks.num_used == 0 and blocks.num_available == 8
 
     # Released blocks stay cached until their slots are needed; the tail of a prefix goes first.
-    filler = _Tokens(list(range(100, 128)))  # seven blocks: the six free ones, then one evicted
+    filler = TextTokens(list(range(100, 128)))  # seven blocks: the six free ones, then one evicted
     assert blocks.allocate(filler)
     blocks.free(filler)
-    again = _Tokens(list(range(12)))
+    again = TextTokens(list(range(12)))
     assert blocks.allocate(again) and again.num_computed == 4  # block 4-7 was evicted, 0-3 survived
-    assert not blocks.allocate(_Tokens(list(range(200, 240))))  # more than the pool holds: nothing taken
+    assert not blocks.allocate(TextTokens(list(range(200, 240))))  # more than the pool holds: nothing taken
     assert blocks.num_used == 3
 
 
