@@ -85,9 +85,7 @@ class CpuThreads:
             size = rows.bit_length()
             choice = self.choices.get(size)
             if choice is None:
-                low, high = 2 ** (size - 1), min(2**size - 1, SMALL_STEP_ROWS)
-                label = "1 row" if high == 1 else f"{low}-{high} rows"
-                choice = self.choices[size] = ThreadChoice((self.cores, self.cores - 1), label)
+                choice = self.choices[size] = ThreadChoice((self.cores, self.cores - 1), _rows_label(size))
             wanted = choice.pick()
             self._last = (choice, wanted, rows, now)
         if wanted != self._current:
@@ -103,3 +101,9 @@ class CpuThreads:
         if self.enabled and self._current != self.cores:
             torch.set_num_threads(self.cores)
             self._current = self.cores
+
+
+def _rows_label(size: int) -> str:
+    """The steps whose row count has `size` bits, for the log: "1 row", "4-7 rows", "16 rows"."""
+    low, high = 2 ** (size - 1), min(2**size - 1, SMALL_STEP_ROWS)
+    return "1 row" if high == 1 else f"{low} rows" if low == high else f"{low}-{high} rows"
