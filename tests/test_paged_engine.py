@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -24,6 +27,7 @@ from conftest import (
     tiny_qwen3,
 )
 
+from respserve import cli
 from respserve.config import load_settings
 from respserve.engine.block_manager import BlockManager
 from respserve.engine.cpu_threads import SMALL_STEP_ROWS, CpuThreads, ThreadChoice
@@ -292,3 +296,52 @@ def test_requests_wait_for_kv_blocks_rather_than_fail(tmp_path) -> None:  # noqa
         assert too_long.json()["error"]["code"] == "context_length_exceeded"
     finally:
         stop_server(uv_server, thread)
+
+
+_TEAM_PROBE = """
+import os, sys, time
+import torch
+from respserve.engine.cpu_threads import on_passing_thread
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+def parallel_op():
+    return float(torch.randn(1 << 22).exp_().sum())  # large enough to run on every torch thread
+
+torch.set_num_threads(2)
+before = threads()
+assert on_passing_thread(parallel_op) > 0
+deadline = time.monotonic() + 2  # an ending OpenMP team's threads exit just after their thread does
+while threads() != before and time.monotonic() < deadline:
+    time.sleep(0.01)
+after_passing = threads()
+try:
+    on_passing_thread(lambda: 1 / 0)
+    raised = False
+except ZeroDivisionError:  # its error reaches the caller
+    raised = True
+parallel_op()  # on this thread, which stays
+print(before, after_passing, threads(), raised)
+"""
+
+
+def test_a_passing_thread_takes_its_openmp_team_with_it() -> None:
+    """What the server's model loading relies on (cpu_threads.on_passing_thread), in a fresh process: the
+    team of threads OpenMP makes for a thread that runs a parallel op lives as long as that thread."""
+    probe = subprocess.run([sys.executable, "-c", _TEAM_PROBE], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    before, after_passing, after_staying, raised = probe.stdout.split()
+    assert int(after_passing) == int(before)  # the passing thread and its team are gone
+    assert int(after_staying) > int(before)  # the staying main thread keeps a team
+    assert raised == "True"
+
+
+def test_serving_bounds_openmp_spinning_unless_the_user_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one OpenMP team, libgomp's default spin lets an idle server hold a core another replica needs."""
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    cli._bound_openmp_spinning()
+    assert os.environ["GOMP_SPINCOUNT"] == cli._OPENMP_SPIN
+    monkeypatch.setenv("GOMP_SPINCOUNT", "500")
+    cli._bound_openmp_spinning()
+    assert os.environ["GOMP_SPINCOUNT"] == "500"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 
 
@@ -76,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
     if command == "serve":
+        _bound_openmp_spinning()  # before torch (and with it OpenMP) is loaded
         import uvicorn
 
         from respserve.api.app import create_app
@@ -90,6 +92,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             log_level=settings.log_level,
             timeout_graceful_shutdown=settings.shutdown_grace_s,
         )
+
+
+# OpenMP spin iterations a thread waits actively at the end of a parallel region before it sleeps. libgomp's
+# default (300,000, some milliseconds) lets a server's idle team hold a core that another process on the
+# same cores needs: two replicas on 2 cores starved each other (tests/test_scale.py). Sleeping after every
+# region instead made decode steps slower (a step runs hundreds of regions, a few microseconds apart).
+_OPENMP_SPIN = "10000"
+
+
+def _bound_openmp_spinning() -> None:
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it; a value the user set is kept."""
+    os.environ.setdefault("GOMP_SPINCOUNT", _OPENMP_SPIN)
 
 
 if __name__ == "__main__":

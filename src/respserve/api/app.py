@@ -24,6 +24,7 @@ from respserve.api.routes import conversations, files, health, images, models, r
 from respserve.api.routes import metrics as metrics_routes
 from respserve.api.state import AppState, ServedImageModel, ServedModel
 from respserve.config import Settings
+from respserve.engine.cpu_threads import on_passing_thread
 from respserve.engine.device import pick_device
 from respserve.engine.image_pipeline import ImagePipeline
 from respserve.engine.image_worker import ImageWorker, ImageWorkerLimits
@@ -97,14 +98,11 @@ def create_app(settings: Settings) -> FastAPI:
             if interrupted:
                 logger.warning("marked %d responses interrupted by a restart as failed", interrupted)
         await state.background.connect()
-        # Loaded on this thread, which so keeps an OpenMP team beside the worker's: with more OpenMP threads
-        # than cores libgomp sleeps between parallel regions rather than spin. Loaded on a thread that ends,
-        # a lone server's one-row steps were ~15% faster (2-core Xeon), but two replicas on the same cores
-        # starved each other (in the scale test's 10 s, replica A answered 5-19 requests instead of 41-42).
-        served = load_text_model(settings)
+        # On a thread that ends, so that the worker's OpenMP team is the process's only one (cpu_threads.py).
+        served, image_models = on_passing_thread(lambda: (load_text_model(settings), load_image_models(settings)))
         state.models[served.name] = served
         metrics.watch(served.worker)
-        for image_model in load_image_models(settings):
+        for image_model in image_models:
             state.models[image_model.name] = image_model
             metrics.watch_images(image_model.name, image_model.worker)
         logger.info("serving %s; store in %s", ", ".join(state.models), settings.data_dir)

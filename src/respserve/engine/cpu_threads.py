@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
@@ -28,6 +31,8 @@ _MAX_CORES_SPARED = 4  # on bigger CPUs one spare core is plenty; this bounds wh
 _TRIALS = 8  # steps measured with each count before choosing
 _RETRY_EVERY = 50  # then one step in this many tries the count not chosen
 _SMOOTHING = 0.2  # weight of a new measurement in a count's running mean
+
+T = TypeVar("T")
 
 
 class ThreadChoice:
@@ -107,3 +112,15 @@ def _rows_label(size: int) -> str:
     """The steps whose row count has `size` bits, for the log: "1 row", "4-7 rows", "16 rows"."""
     low, high = 2 ** (size - 1), min(2**size - 1, SMALL_STEP_ROWS)
     return "1 row" if high == 1 else f"{low} rows" if low == high else f"{low}-{high} rows"
+
+
+def on_passing_thread(load: Callable[[], T]) -> T:
+    """`load()` run on a thread of its own that ends when it returns: its result, or its error raised here.
+
+    OpenMP keeps a team of threads for every thread that ran a parallel torch op, for as long as that thread
+    lives. Models loaded on the main thread left it such a team beside the worker thread's; with more OpenMP
+    threads than cores libgomp stops spinning between parallel regions, and each of the hundreds a decode
+    step runs then costs a sleep and a wake-up. Loaded on a thread that ends, they leave no team behind.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="respserve-load") as pool:
+        return pool.submit(load).result()
