@@ -94,10 +94,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
 
-# OpenMP spin iterations a thread waits actively at the end of a parallel region before it sleeps. libgomp's
-# default (300,000, some milliseconds) lets a server's idle team hold a core that another process on the
-# same cores needs: two replicas on 2 cores starved each other (tests/test_scale.py). Sleeping after every
-# region instead made decode steps slower (a step runs hundreds of regions, a few microseconds apart).
+# OpenMP spin iterations a thread waits actively at the end of a parallel region before it sleeps. With the
+# server's one OpenMP team (cpu_threads.on_passing_thread) libgomp's default, 300,000, let two replicas on
+# the same 2 cores starve each other (tests/test_scale.py); 3,000 lost most of what the one team gained (a
+# decode step runs hundreds of regions, microseconds apart). README "Benchmark" has the measurements.
 _OPENMP_SPIN = "10000"
 
 
