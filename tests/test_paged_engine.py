@@ -299,7 +299,7 @@ def test_requests_wait_for_kv_blocks_rather_than_fail(tmp_path) -> None:  # noqa
 
 
 _TEAM_PROBE = """
-import os, sys, time
+import os, time
 import torch
 from respserve.engine.cpu_threads import on_passing_thread
 

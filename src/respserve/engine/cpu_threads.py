@@ -12,6 +12,9 @@ So each size of small step (rows rounded down to a power of two) tries both coun
 keeps the one whose steps come round faster: the time from one step's start to the next one's, per row,
 which counts whatever the step's threads lost to the rest of the process. Now and then it tries the other
 again, as the load around it changes. Larger steps always take every core (faster on both machines).
+
+The server loads its models through `on_passing_thread`, so that the worker's OpenMP team is the process's
+only one (the serve command bounds that team's spinning: cli.py).
 """
 
 from __future__ import annotations
