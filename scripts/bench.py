@@ -6,9 +6,9 @@ Every server loads the same model folder and gets the same load: N concurrent st
 Responses API (POST /v1/responses, stream=true), which vLLM 0.32 streams as the others do.
 
 On the CPU every server is up at once and they are measured in turn, in rounds (--rounds, 3 by default; the
-order reversed every other round), and the median round is reported: a shared VM's speed drifts (this
-2-core machine ran twice as fast from one quarter of an hour to the next, 2026-12-02), so each ratio is
-taken between measurements minutes apart, never between the start and the end of the run. On a GPU, whose
+order reversed every other round), and the median round is reported: a shared VM's speed drifts (on this
+2-core machine respserve served 1.7x the tokens/s ten minutes after a first run, 2026-12-02), so each ratio
+is taken between measurements minutes apart, never between the start and the end of the run. On a GPU, whose
 memory one server claims, they run one after the other, once.
 
 Prints one table with respserve/peer ratios and writes JSON and a PNG plot. vLLM is installed on first use

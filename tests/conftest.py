@@ -37,6 +37,10 @@ hypothesis.settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     hypothesis.settings.load_profile("ci")
 
+# OpenMP spin iterations between parallel regions for servers that share cores (libgomp's default, 300,000,
+# let two replicas on two cores starve each other: README "Running several replicas").
+SHARED_CORES_OPENMP_SPIN = "10000"
+
 SPEC_PATH = Path(
     os.environ.get(
         "RESPSERVE_SPEC",
@@ -249,7 +253,10 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
 def spawn_server(port: int, data_dir: Path, *flags: str) -> subprocess.Popen[bytes]:
     """`respserve serve` as its own process (to kill or signal it), once it answers /health."""
     command = [sys.executable, "-m", "respserve", "serve", "--port", str(port), "--data-dir", str(data_dir), *flags]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Such servers share this machine's cores with each other and with the tests: OpenMP's busy-wait is
+    # bounded as README "Running several replicas" advises for replicas on the same cores.
+    env = {"GOMP_SPINCOUNT": SHARED_CORES_OPENMP_SPIN, **os.environ}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
     # One client for all the polls: httpx.get builds a client (and its TLS context) per call, which cost
     # about a fifth of a core for as long as a server took to start.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
 import subprocess
 import sys
 from typing import Any
@@ -27,7 +26,6 @@ from conftest import (
     tiny_qwen3,
 )
 
-from respserve import cli
 from respserve.config import load_settings
 from respserve.engine.block_manager import BlockManager
 from respserve.engine.cpu_threads import SMALL_STEP_ROWS, CpuThreads, ThreadChoice
@@ -335,13 +333,3 @@ def test_a_passing_thread_takes_its_openmp_team_with_it() -> None:
     assert int(after_passing) == int(before)  # the passing thread and its team are gone
     assert int(after_staying) > int(before)  # the staying main thread keeps a team
     assert raised == "True"
-
-
-def test_serving_bounds_openmp_spinning_unless_the_user_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With one OpenMP team, libgomp's default spin lets an idle server hold a core another replica needs."""
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    cli._bound_openmp_spinning()
-    assert os.environ["GOMP_SPINCOUNT"] == cli._OPENMP_SPIN
-    monkeypatch.setenv("GOMP_SPINCOUNT", "500")
-    cli._bound_openmp_spinning()
-    assert os.environ["GOMP_SPINCOUNT"] == "500"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Sequence
 
 
@@ -77,7 +76,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
     if command == "serve":
-        _bound_openmp_spinning()  # before torch (and with it OpenMP) is loaded
         import uvicorn
 
         from respserve.api.app import create_app
@@ -92,18 +90,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             log_level=settings.log_level,
             timeout_graceful_shutdown=settings.shutdown_grace_s,
         )
-
-
-# OpenMP spin iterations a thread waits actively at the end of a parallel region before it sleeps. With the
-# server's one OpenMP team (cpu_threads.on_passing_thread) libgomp's default, 300,000, let two replicas on
-# the same 2 cores starve each other (tests/test_scale.py); 3,000 lost most of what the one team gained (a
-# decode step runs hundreds of regions, microseconds apart). README "Benchmark" has the measurements.
-_OPENMP_SPIN = "10000"
-
-
-def _bound_openmp_spinning() -> None:
-    """libgomp reads GOMP_SPINCOUNT once, when torch loads it; a value the user set is kept."""
-    os.environ.setdefault("GOMP_SPINCOUNT", _OPENMP_SPIN)
 
 
 if __name__ == "__main__":

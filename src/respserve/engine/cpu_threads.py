@@ -14,7 +14,7 @@ which counts whatever the step's threads lost to the rest of the process. Now an
 again, as the load around it changes. Larger steps always take every core (faster on both machines).
 
 The server loads its models through `on_passing_thread`, so that the worker's OpenMP team is the process's
-only one (the serve command bounds that team's spinning: cli.py).
+only one.
 """
 
 from __future__ import annotations
