@@ -5,11 +5,12 @@ Every server loads the same model folder and gets the same load: N concurrent st
 --concurrency), fixed prompts, greedy decoding, a fixed max_output_tokens. All three are driven through the
 Responses API (POST /v1/responses, stream=true), which vLLM 0.32 streams as the others do.
 
-On the CPU every server is up at once and they are measured in turn, in rounds (--rounds, 3 by default; the
-order reversed every other round), and the median round is reported: a shared VM's speed drifts (on this
-2-core machine respserve served 1.7x the tokens/s ten minutes after a first run, 2026-12-02), so each ratio
-is taken between measurements minutes apart, never between the start and the end of the run. On a GPU, whose
-memory one server claims, they run one after the other, once.
+On the CPU every server is up at once and they are measured in turn, in rounds (--rounds, 3 by default;
+each concurrency level across all servers before the next, the order reversed every other round, each
+measurement once the servers are idle), and the median round is reported: a shared VM's speed drifts (on
+this 2-core machine respserve served 1.7x the tokens/s ten minutes after a first run, 2026-12-02), so each
+ratio is taken between measurements seconds apart, never between the start and the end of the run. On a
+GPU, whose memory one server claims, they run one after the other, once.
 
 Prints one table with respserve/peer ratios and writes JSON and a PNG plot. vLLM is installed on first use
 into a venv of its own under the cache dir (bench_peers.py); a server that cannot be installed or started
@@ -321,12 +322,14 @@ def warm_up(name: str, port: int, model: str) -> None:
     asyncio.run(run_load(f"http://127.0.0.1:{port}", name, model, 1, 1, 16))
 
 
-def measure_server(name: str, port: int, model: str, args: argparse.Namespace) -> list[RunResult]:
-    """One pass over --concurrency."""
+def measure_server(
+    name: str, port: int, model: str, args: argparse.Namespace, levels: list[int] | None = None
+) -> list[RunResult]:
+    """One pass over `levels` (default: --concurrency)."""
     base_url = f"http://127.0.0.1:{port}"
     sampling = sampling_fields(args)
     results = []
-    for concurrency in args.concurrency:
+    for concurrency in levels or args.concurrency:
         result = asyncio.run(
             run_load(base_url, name, model, concurrency, args.requests_per_client, args.max_output_tokens, sampling)
         )
@@ -350,16 +353,30 @@ def group_cpu_seconds(group: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def settle(groups: dict[str, int], window_s: float = 0.5, timeout_s: float = 20.0) -> float:
+    """Waits until the servers together use under 5% of a core over `window_s` (a server may go on working
+    after its last answer), or `timeout_s`; returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() < started + timeout_s:
+        before = sum(group_cpu_seconds(group) for group in groups.values())
+        time.sleep(window_s)
+        if sum(group_cpu_seconds(group) for group in groups.values()) - before < 0.05 * window_s:
+            break
+    return time.monotonic() - started
+
+
 def measure_rounds(
     ports: dict[str, int], groups: dict[str, int], model: str, args: argparse.Namespace, unavailable: dict[str, str]
 ) -> tuple[list[list[RunResult]], dict[str, float]]:
-    """Every server measured once a round, in turn, the order reversed every other round. Returns each
-    round's results and, per server, the CPU share (of one core) it used while the others were measured:
+    """Every server measured once a round at each concurrency, in turn, the order reversed every other
+    round. Returns each round's results and, per server, the CPU share (of one core) it used while the
+    others were measured:
     an idle server that keeps working would skew its peers' figures. A server that fails is left out of
     the rounds after (and named in `unavailable`)."""
     rounds: list[list[RunResult]] = []
     idle_cpu = dict.fromkeys(ports, 0.0)
     idle_wall = dict.fromkeys(ports, 0.0)
+    settled = 0.0
     # respserve in the middle: measured next to each peer, so that each ratio spans the least drift.
     first = [name for name in ports if name != "respserve"]
     if "respserve" in ports:
@@ -368,19 +385,22 @@ def measure_rounds(
         order = first if index % 2 == 0 else first[::-1]
         print(f"round {index + 1} of {args.rounds}: {', '.join(order)}", flush=True)
         results: list[RunResult] = []
-        for name in (name for name in order if name not in unavailable):
-            others = {other: group_cpu_seconds(groups[other]) for other in ports if other != name}
-            started = time.monotonic()
-            try:
-                results += measure_server(name, ports[name], model, args)
-            except httpx.HTTPError as error:
-                unavailable[name] = f"{type(error).__name__} in round {index + 1}: {error}"
-            wall = time.monotonic() - started
-            for other, before in others.items():
-                idle_cpu[other] += group_cpu_seconds(groups[other]) - before
-                idle_wall[other] += wall
+        for level in args.concurrency:  # each level across the servers, so that their figures are seconds apart
+            for name in (name for name in order if name not in unavailable):
+                settled += settle(groups)
+                others = {other: group_cpu_seconds(groups[other]) for other in ports if other != name}
+                started = time.monotonic()
+                try:
+                    results += measure_server(name, ports[name], model, args, [level])
+                except httpx.HTTPError as error:
+                    unavailable[name] = f"{type(error).__name__} in round {index + 1}: {error}"
+                wall = time.monotonic() - started
+                for other, before in others.items():
+                    idle_cpu[other] += group_cpu_seconds(groups[other]) - before
+                    idle_wall[other] += wall
         rounds.append(results)
     shares = {name: idle_cpu[name] / idle_wall[name] for name in ports if idle_wall[name]}
+    print(f"waited {settled:.1f} s in all for the servers to go idle before a measurement", flush=True)
     return rounds, shares
 
 
@@ -412,6 +432,7 @@ def median_round(rounds: list[list[RunResult]]) -> tuple[list[RunResult], list[d
             values = [float(other[key]) for other in same if other[key] is not None]  # type: ignore[arg-type]
             merged[key] = statistics.median(values) if values else None
         ratios.append(merged)
+    ratios.sort(key=lambda row: (order[str(row["peer"])], int(row["concurrency"])))  # type: ignore[call-overload]
     return medians, ratios
 
 
