@@ -253,9 +253,7 @@ def peer_ratios(results: list[RunResult]) -> list[dict[str, object]]:
     return rows
 
 
-def print_table(
-    results: list[RunResult], unavailable: dict[str, str], ratios: list[dict[str, object]] | None = None
-) -> None:
+def print_table(results: list[RunResult], unavailable: dict[str, str], ratios: list[dict[str, object]]) -> None:
     header = (
         f"{'server':<12} {'conc':>4} {'reqs':>5} {'out tok/s':>10} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
         f"{'ITL p50':>8} {'ITL p99':>8} {'health p99':>10}"
@@ -271,7 +269,7 @@ def print_table(
         )
     for server, reason in unavailable.items():
         print(f"{server:<12} unavailable: {reason}")
-    rows = peer_ratios(results) if ratios is None else ratios
+    rows = ratios
     if not rows:
         return
     print()
@@ -370,9 +368,8 @@ def measure_rounds(
 ) -> tuple[list[list[RunResult]], dict[str, float]]:
     """Every server measured once a round at each concurrency, in turn, the order reversed every other
     round. Returns each round's results and, per server, the CPU share (of one core) it used while the
-    others were measured:
-    an idle server that keeps working would skew its peers' figures. A server that fails is left out of
-    the rounds after (and named in `unavailable`)."""
+    others were measured: an idle server that keeps working would skew its peers' figures. A server that
+    fails is left out of the rounds after (and named in `unavailable`)."""
     rounds: list[list[RunResult]] = []
     idle_cpu = dict.fromkeys(ports, 0.0)
     idle_wall = dict.fromkeys(ports, 0.0)
@@ -418,21 +415,17 @@ def median_round(rounds: list[list[RunResult]]) -> tuple[list[RunResult], list[d
         medians.append(ranked[(len(ranked) - 1) // 2])
     order = {name: index for index, name in enumerate(SERVERS)}
     medians.sort(key=lambda r: (order[r.server], r.concurrency))
-    per_round = [peer_ratios(results) for results in rounds]
+    rows_by_key: dict[tuple[str, int], list[dict[str, object]]] = {}
+    for results in rounds:
+        for row in peer_ratios(results):
+            rows_by_key.setdefault((str(row["peer"]), int(row["concurrency"])), []).append(row)  # type: ignore[call-overload]
     ratios = []
-    for row in per_round[0] if per_round else []:
-        same = [
-            other
-            for rows in per_round
-            for other in rows
-            if (other["peer"], other["concurrency"]) == (row["peer"], row["concurrency"])
-        ]
-        merged: dict[str, object] = {"peer": row["peer"], "concurrency": row["concurrency"]}
+    for (peer, concurrency), rows in sorted(rows_by_key.items(), key=lambda item: (order[item[0][0]], item[0][1])):
+        merged: dict[str, object] = {"peer": peer, "concurrency": concurrency}
         for key in ("tokens_per_s", "ttft_p50", "itl_p50", "itl_p99"):
-            values = [float(other[key]) for other in same if other[key] is not None]  # type: ignore[arg-type]
+            values = [float(row[key]) for row in rows if row[key] is not None]  # type: ignore[arg-type]
             merged[key] = statistics.median(values) if values else None
         ratios.append(merged)
-    ratios.sort(key=lambda row: (order[str(row["peer"])], int(row["concurrency"])))  # type: ignore[call-overload]
     return medians, ratios
 
 
@@ -460,12 +453,13 @@ def start_server(
     args: argparse.Namespace,
     unavailable: dict[str, str],
     timings: dict[str, dict[str, float | None]],
+    stack: contextlib.ExitStack,
 ) -> ServerProcess | None:
-    """The server, started and healthy (its context stops it), or None with the reason in `unavailable`."""
+    """The server, started and healthy (`stack` stops it), or None with the reason in `unavailable`."""
     print(f"{name}: starting", flush=True)
     try:
         spec = server_spec(name, folder, port, device, dtype, cache_dir)
-        server = ServerProcess(spec.command, port, args.out / f"{name}.log", spec.env).__enter__()
+        server = stack.enter_context(ServerProcess(spec.command, port, args.out / f"{name}.log", spec.env))
     except (RuntimeError, httpx.HTTPError) as error:
         # PeerUnavailable is a RuntimeError too: whichever step failed, the other servers still run.
         reason = str(error) if isinstance(error, PeerUnavailable) else f"{type(error).__name__}: {error}"
@@ -531,7 +525,7 @@ def main() -> None:
     caption = f"{folder.name}, {device} {dtype}, {args.max_output_tokens} output tokens {decoding}, POST /v1/responses"
     print(f"model {folder} on {device} ({dtype}); {args.max_output_tokens} output tokens, {decoding}")
     results: list[RunResult] = []
-    ratios: list[dict[str, object]] | None = None
+    ratios: list[dict[str, object]] = []
     unavailable: dict[str, str] = {}
     timings: dict[str, dict[str, float | None]] = {}
     rounds: list[list[RunResult]] = []
@@ -544,24 +538,25 @@ def main() -> None:
         groups: dict[str, int] = {}
         for index, name in enumerate(args.peers):
             port = args.port + index
-            server = start_server(name, folder, port, device, dtype, cache_dir, args, unavailable, timings)
-            if server is None:
-                continue
-            if args.rounds == 1:  # one at a time: measured, then stopped before the next one starts
+            with contextlib.ExitStack() as own:
+                server = start_server(name, folder, port, device, dtype, cache_dir, args, unavailable, timings, own)
+                if server is None:
+                    continue
                 try:
                     warm_up(name, port, str(folder))
-                    results += measure_server(name, port, str(folder), args)
+                    if args.rounds == 1:  # one at a time: measured, then stopped before the next one starts
+                        results += measure_server(name, port, str(folder), args)
+                        continue
                 except httpx.HTTPError as error:
                     unavailable[name] = f"{type(error).__name__}: {error}"
-                finally:
-                    server.__exit__()
-                continue
-            stack.callback(server.__exit__)
-            warm_up(name, port, str(folder))
-            ports[name], groups[name] = port, server.process.pid  # type: ignore[union-attr]
+                    continue
+                ports[name], groups[name] = port, server.process.pid  # type: ignore[union-attr]
+                stack.enter_context(own.pop_all())  # kept up until every round is done
         if ports:
             rounds, idle_cpu = measure_rounds(ports, groups, str(folder), args, unavailable)
             results, ratios = median_round(rounds)
+        else:
+            ratios = peer_ratios(results)
 
     print()
     if args.rounds > 1:
@@ -582,7 +577,7 @@ def main() -> None:
         "unavailable": unavailable,
         "rounds": args.rounds,
         "results": [as_json(r) for r in results],
-        "respserve_over_peer": peer_ratios(results) if ratios is None else ratios,
+        "respserve_over_peer": ratios,
         "every_round": [[as_json(r) for r in results] for results in rounds],
         "idle_cpu_share": idle_cpu,
     }
