@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 from respserve.api.app import create_app
 from respserve.api.state import AppState
 from respserve.config import Settings, load_settings
+from respserve.engine.cpu_kernels import load_cpu_kernels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,6 +41,10 @@ if os.environ.get("CI"):
 # OpenMP spin iterations between parallel regions for servers that share cores (libgomp's default, 300,000,
 # let two replicas on two cores starve each other: README "Running several replicas").
 SHARED_CORES_OPENMP_SPIN = "10000"
+
+# Where servers build and keep respserve's CPU kernels (engine/cpu_kernels.py); the tests load them from there.
+KERNEL_DIR = load_settings().cache_dir / "kernels"
+needs_kernels = pytest.mark.skipif(not load_cpu_kernels(KERNEL_DIR), reason="the CPU kernels cannot be built here")
 
 SPEC_PATH = Path(
     os.environ.get(
@@ -121,6 +126,21 @@ def sdk_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     """`body` as keyword arguments of the openai SDK: the fields it does not name go in `extra_body`."""
     extra = {key: body[key] for key in ("logit_bias", "seed", "stop", "top_k") if key in body}
     return {**{key: value for key, value in body.items() if key not in extra}, "extra_body": extra}
+
+
+def assert_same_greedy_tokens(together: dict[str, Any], alone: dict[str, Any]) -> None:
+    """Two greedy answers (with logprobs, top 2) of one prompt computed differently: batched and solo, or
+    with and without the CPU kernels. float32 sums in another order round differently, so where two tokens
+    were all but tied one run may pick the other: the streams must agree up to such a tie. A row mixed up
+    with another's KV, or a wrong kernel, would diverge where the second run saw no tie."""
+    ours = together["output"][0]["content"][0]["logprobs"]
+    solo = alone["output"][0]["content"][0]["logprobs"]
+    assert len(ours) == len(solo)
+    for mine, theirs in zip(ours, solo, strict=True):
+        if mine["token"] != theirs["token"]:
+            runner_up = theirs["top_logprobs"][1]
+            assert runner_up["token"] == mine["token"] and theirs["logprob"] - runner_up["logprob"] < 0.05
+            return
 
 
 def fixed_reply(text: str) -> dict[str, Any]:

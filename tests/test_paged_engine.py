@@ -20,6 +20,7 @@ from conftest import (
     TextTokens,
     decode_greedily,
     free_port,
+    needs_kernels,
     never_ends,
     start_server,
     stop_server,
@@ -33,7 +34,7 @@ from respserve.engine.fused_projections import FusedSibling, fuse_projections
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes
 from respserve.engine.model_runner import ModelRunner
-from respserve.engine.packed_linear import PackedLinear, can_pack, native_bf16, pack_linears
+from respserve.engine.packed_linear import Bf16Linear, PackedLinear, can_pack, native_bf16, pack_linears
 from respserve.engine.prefill_budget import SLOWDOWN, PrefillBudget
 from respserve.engine.scheduler import Scheduler
 from respserve.engine.sequence import Sequence
@@ -48,21 +49,22 @@ def _run_to_the_end(
     budget: int,
     device: str = "cpu",
     pack: bool = False,
+    kernels: bool = False,
 ) -> Scheduler:
     """Greedy-decodes `prompts` through the paged engine on `device`, checking each sampled position's
     logits against a plain CPU forward of a copy of the model (its own attention, no cache) over the whole
-    sequence."""
+    sequence. `kernels`: with respserve's CPU kernels (bf16-kept weights where `pack`, decode attention)."""
     pipeline = server.state.default_model.worker.pipeline
     reference = type(model)(copy.deepcopy(model.config)).eval()
     reference.load_state_dict(model.state_dict())
     block_size = 4
     model.to(device)
-    if pack:  # the CPU's load path: oneDNN-packed weights, sibling projections fused
-        assert pack_linears(model) > 0
+    if pack:  # the CPU's load path: packed weights, sibling projections fused
+        assert pack_linears(model, bf16_kernel=kernels) > 0
     cache = PagedKVCache(model.config, num_blocks, block_size, torch.float32, torch.device(device))
     for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring
         pool[block_size:].fill_(float("nan"))
-    runner = ModelRunner(model, cache, torch.device(device))
+    runner = ModelRunner(model, cache, torch.device(device), decode_kernel=kernels)
     scheduler = Scheduler(BlockManager(num_blocks, block_size), max_running=8, max_prefill_tokens=budget)
     scheduler.prefill_budget = PrefillBudget(budget, idle_tokens=budget)  # chunks of `budget`, decoding or not
     for index, prompt in enumerate(prompts):
@@ -80,14 +82,15 @@ def _run_to_the_end(
     return scheduler
 
 
+@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=needs_kernels)], ids=["sdpa", "kernel"])
 @pytest.mark.parametrize("layers", [["full_attention"] * 2, ["sliding_attention", "full_attention"]])
-def test_chunked_paged_steps_match_a_plain_forward(server: RunningServer, layers: list[str]) -> None:
+def test_chunked_paged_steps_match_a_plain_forward(server: RunningServer, layers: list[str], kernels: bool) -> None:
     tokenizer = server.state.default_model.worker.pipeline.tokenizer
     sliding = "sliding_attention" in layers
     model = tiny_qwen3(tokenizer, layer_types=layers, sliding_window=6, use_sliding_window=sliding)
     torch.manual_seed(1)
     prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (5, 13, 1, 30)]
-    _run_to_the_end(server, model, prompts, num_blocks=64, max_new=12, budget=7)
+    _run_to_the_end(server, model, prompts, num_blocks=64, max_new=12, budget=7, kernels=kernels)
 
 
 def test_packed_weights_and_fused_projections_match_a_plain_forward(server: RunningServer) -> None:
@@ -97,6 +100,19 @@ def test_packed_weights_and_fused_projections_match_a_plain_forward(server: Runn
     _run_to_the_end(server, model, prompts, num_blocks=64, max_new=8, budget=7, pack=True)
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.k_proj, FusedSibling) and isinstance(layer.mlp.up_proj, FusedSibling)
+
+
+@needs_kernels
+def test_bf16_kept_weights_match_a_plain_forward(server: RunningServer) -> None:
+    model = tiny_qwen3(server.state.default_model.worker.pipeline.tokenizer)
+    with torch.no_grad():  # a bf16 checkpoint served at float32
+        for parameter in model.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    torch.manual_seed(6)
+    prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (6, 17, 1, 40)]
+    _run_to_the_end(server, model, prompts, num_blocks=64, max_new=8, budget=7, pack=True, kernels=True)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.fused.linear, Bf16Linear) and isinstance(model.lm_head, Bf16Linear)
 
 
 def test_a_sibling_called_on_another_input_computes_its_own_output() -> None:

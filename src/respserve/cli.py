@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         help="replay CUDA decode steps as captured graphs (default: on)",
     )
     serve.add_argument(
+        "--cpu-kernels",
+        dest="cpu_kernels",
+        action=argparse.BooleanOptionalAction,
+        help="on the CPU, bf16-exact float32 weights kept as bf16 for our kernel (default: on)",
+    )
+    serve.add_argument(
         "--image-model", dest="image_models", action="append", help="a diffusers folder, PATH or ID=PATH (repeatable)"
     )
     serve.add_argument(

@@ -164,6 +164,10 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         default=True, description="On CUDA, replay decode steps as captured CUDA graphs (per batch and context bucket)."
     )
+    cpu_kernels: bool = Field(
+        default=True,
+        description="On the CPU, keep float32 weights that bf16 holds exactly as bf16, multiplied by our kernel.",
+    )
     image_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Diffusers text-to-image folders (or hub ids), each PATH or ID=PATH. Env: comma-separated.",

@@ -47,7 +47,9 @@ def load_text_model(settings: Settings) -> ServedModel:
         peers = TensorParallelGroup(settings.tensor_parallel_size, source.path, rank0, settings.dtype)
         device = str(rank0)
     kind = VisionLanguagePipeline if is_vision_model(source) else TextPipeline
-    pipeline = kind.load(source, device=device, dtype=settings.dtype, tensor_parallel=settings.tensor_parallel_size)
+    kernels = settings.cache_dir / "kernels" if settings.cpu_kernels else None
+    shards = settings.tensor_parallel_size
+    pipeline = kind.load(source, device=device, dtype=settings.dtype, tensor_parallel=shards, kernel_dir=kernels)
     limits = WorkerLimits(
         max_running=settings.max_running,
         max_queued=settings.max_queued,

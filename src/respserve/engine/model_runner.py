@@ -83,8 +83,10 @@ class ModelRunner:
         device: torch.device,
         peers: StepSender | None = None,
         graphs: DecodeGraphs | None = None,
+        decode_kernel: bool = False,
     ) -> None:
         self.model = model
+        self.decode_kernel = decode_kernel  # decode rows' attention through respserve's CPU kernel
         self.cache = cache
         self.device = device
         self.peers = peers  # tensor-parallel processes that run every step beside this one
@@ -103,7 +105,9 @@ class ModelRunner:
     def forward(self, step: StepInputs) -> torch.Tensor:
         if self.graphs is not None and (logits := self.graphs.run(step)) is not None:
             return logits
-        layout = build_step_layout(step.block_tables, step.spans, self.cache.block_size, self.device, step.image_spans)
+        layout = build_step_layout(
+            step.block_tables, step.spans, self.cache.block_size, self.device, step.image_spans, self.decode_kernel
+        )
         input_ids = torch.tensor([step.input_ids], device=self.device)
         tokens: dict[str, Any] = {"input_ids": input_ids}
         if step.image_rows is not None and step.image_features is not None:

@@ -15,9 +15,10 @@ stays causal, and a sliding-window layer still drops keys older than its window.
 chunk inside a span (scheduler.py), so a span's keys are all in the pool by the time its queries need them.
 Decode rows never lie in a span, so the single-row path knows nothing of this.
 
-Gathering copies the KV a step reads, on top of reading it. On the 2-core CPU this costs about as much as
-the left-padded batch did at short contexts (the price of never re-padding or copying on admission); a
-kernel that reads block tables in place (FlashInfer, flash-attn's `block_table`) removes it on CUDA.
+Gathering copies the KV a step reads, on top of reading it. On the CPU in float32 the single-query rows
+therefore go to respserve's kernel when it is loaded (`decode_kernel`; kernels/paged_attention.cpp), which
+reads each row's slots in place; elsewhere they are gathered and attended by SDPA. A kernel that reads
+block tables in place (FlashInfer, flash-attn's `block_table`) would do the same on CUDA.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class StepLayout:
     single_slots: torch.Tensor  # [rows, longest] slots each row reads, NULL-padded
     single_lengths: torch.Tensor  # [rows] how many of those are real
     chunks: list[PrefillChunk]
+    decode_kernel: bool = False  # single-query rows through respserve's CPU kernel (cpu_kernels.py)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def single_mask(self, sliding_window: int | None) -> torch.Tensor:
@@ -82,6 +84,7 @@ def build_step_layout(
     block_size: int,
     device: torch.device,
     image_spans: list[list[tuple[int, int]]] | None = None,
+    decode_kernel: bool = False,
 ) -> StepLayout:
     """`spans[i]` = positions [start, end) of sequence i computed this step, its blocks `block_tables[i]`;
     `image_spans[i]`: the spans of sequence i attended both ways that overlap its chunk (None: none at all)."""
@@ -115,6 +118,7 @@ def build_step_layout(
         single_slots=single_slots.to(device),
         single_lengths=lengths.to(device),
         chunks=chunks,
+        decode_kernel=decode_kernel,
     )
 
 
@@ -191,15 +195,20 @@ def _attend_single_rows(
     sliding_window: int | None,
 ) -> torch.Tensor:
     """The single-query rows, in one batched call over their gathered slots: [rows, heads, head_dim]."""
+    whole_step = step.single_slots.shape[0] == query.shape[2]  # the rows are the step's tokens, in order
+    queries = (query[0] if whole_step else query[0, :, step.single_rows, :]).transpose(0, 1)  # [rows, heads, D]
+    if step.decode_kernel:  # reads the pool in place
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        window = sliding_window or 0
+        kernel = torch.ops.respserve.paged_decode_attention
+        return kernel(queries.contiguous(), key, value, step.single_slots, step.single_lengths, scale, window)
     count, longest = step.single_slots.shape
     kv_heads, head_dim = key.shape[1], key.shape[2]
     flat_slots = step.single_slots.reshape(-1)
     keys = key.index_select(0, flat_slots).view(count, longest, kv_heads, head_dim).transpose(1, 2)
     values = value.index_select(0, flat_slots).view(count, longest, kv_heads, head_dim).transpose(1, 2)
-    whole_step = count == query.shape[2]  # the rows are the step's tokens, in order: no need to pick them
-    queries = (query[0] if whole_step else query[0, :, step.single_rows, :]).transpose(0, 1).unsqueeze(2)
     attended = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=step.single_mask(sliding_window), scale=scaling, enable_gqa=True
+        queries.unsqueeze(2), keys, values, attn_mask=step.single_mask(sliding_window), scale=scaling, enable_gqa=True
     )
     return attended[:, :, 0, :]
 

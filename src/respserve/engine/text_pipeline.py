@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from respserve.engine.cpu_kernels import load_cpu_kernels
 from respserve.engine.device import pick_device, pick_dtype
 from respserve.engine.generation import ChatMessage, ToolSpec
 from respserve.engine.model_source import ModelSource, ModelSourceError
@@ -31,13 +33,24 @@ class ContextLengthExceeded(ValueError):
         self.context_length = context_length
 
 
+def uses_cpu_kernels(kernel_dir: Path | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model on `device` in `dtype` runs with respserve's CPU kernels (float32 on the CPU),
+    built into `kernel_dir` if need be (None: never)."""
+    if kernel_dir is None or device.type != "cpu" or dtype != torch.float32:
+        return False
+    return load_cpu_kernels(kernel_dir)
+
+
 class TextPipeline:
     """Owns a causal LM and its tokenizer; called only from the worker thread, except `render_prompt`."""
 
     accepts_images = False
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device, tensor_parallel: int = 1) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, device: torch.device, tensor_parallel: int = 1, cpu_kernels: bool = False
+    ) -> None:
         self.model = model
+        self.cpu_kernels = cpu_kernels  # respserve's CPU kernels are loaded for this model (cpu_kernels.py)
         self.tensor_parallel = tensor_parallel
         self.tokenizer = tokenizer
         self.device = device
@@ -56,10 +69,16 @@ class TextPipeline:
 
     @classmethod
     def load(
-        cls, source: ModelSource, device: str = "auto", dtype: str = "auto", tensor_parallel: int = 1
+        cls,
+        source: ModelSource,
+        device: str = "auto",
+        dtype: str = "auto",
+        tensor_parallel: int = 1,
+        kernel_dir: Path | None = None,
     ) -> TextPipeline:
         """`tensor_parallel` > 1: this process is one rank of a started group (tensor_parallel.py), and
-        transformers loads its shard of every layer."""
+        transformers loads its shard of every layer. `kernel_dir`: where our CPU kernels are built and kept
+        (cpu_kernels.py); None: not used."""
         config = AutoConfig.from_pretrained(source.path)
         reason = refusal(config.get_text_config())
         if reason is not None:  # it would serve the model, wrongly (Gemma 2's softcapping)
@@ -72,8 +91,9 @@ class TextPipeline:
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, tp_plan="auto").eval()
         else:
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype).to(torch_device).eval()
+        kernels = tensor_parallel == 1 and uses_cpu_kernels(kernel_dir, torch_device, torch_dtype)
         if can_pack(torch_device, torch_dtype) and tensor_parallel == 1:  # (sharded weights stay DTensors)
-            pack_linears(model)  # half the decode matmul time on the CPU (see packed_linear.py)
+            pack_linears(model, kernels)  # half the decode matmul time on the CPU (see packed_linear.py)
         logger.info(
             "loaded %s on %s (%s) in %.2f s",
             source.name,
@@ -81,7 +101,7 @@ class TextPipeline:
             torch_dtype,
             time.perf_counter() - started,
         )
-        return cls(model, tokenizer, torch_device, tensor_parallel)
+        return cls(model, tokenizer, torch_device, tensor_parallel, kernels)
 
     def render(
         self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None

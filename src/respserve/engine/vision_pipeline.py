@@ -38,9 +38,9 @@ from transformers.utils import is_torchvision_available
 from respserve.engine.device import pick_device, pick_dtype
 from respserve.engine.generation import ChatMessage, PromptImage, ToolSpec
 from respserve.engine.model_source import ModelSource, ModelSourceError
-from respserve.engine.packed_linear import PackedLinear, can_pack, pack_linears
+from respserve.engine.packed_linear import can_pack, pack_linears, prepared_linear
 from respserve.engine.paged_attention import refusal
-from respserve.engine.text_pipeline import ContextLengthExceeded, TextPipeline
+from respserve.engine.text_pipeline import ContextLengthExceeded, TextPipeline, uses_cpu_kernels
 from respserve.engine.tool_prompt import fallback_turns, native_tools, native_turn, template_knows_tools
 from respserve.engine.vision import VisionInputs
 from respserve.engine.vision_detail import PixelBudget
@@ -147,8 +147,8 @@ class VisionLanguagePipeline(TextPipeline):
 
     accepts_images = True
 
-    def __init__(self, model: Any, processor: Any, device: torch.device) -> None:
-        super().__init__(model, processor.tokenizer, device)
+    def __init__(self, model: Any, processor: Any, device: torch.device, cpu_kernels: bool = False) -> None:
+        super().__init__(model, processor.tokenizer, device, cpu_kernels=cpu_kernels)
         self.processor = processor
         self.image_token_id = int(model.config.image_token_id)
         # SmolVLM/Idefics3 tile large images (more tokens); `detail: "low"` turns that off.
@@ -162,7 +162,12 @@ class VisionLanguagePipeline(TextPipeline):
 
     @classmethod
     def load(
-        cls, source: ModelSource, device: str = "auto", dtype: str = "auto", tensor_parallel: int = 1
+        cls,
+        source: ModelSource,
+        device: str = "auto",
+        dtype: str = "auto",
+        tensor_parallel: int = 1,
+        kernel_dir: Path | None = None,
     ) -> VisionLanguagePipeline:
         if tensor_parallel > 1:
             raise ModelSourceError("vision-language models are served on one device (no tensor parallelism)")
@@ -172,12 +177,13 @@ class VisionLanguagePipeline(TextPipeline):
         started = time.perf_counter()
         processor = load_processor(source.path)
         model = AutoModelForImageTextToText.from_pretrained(source.path, dtype=torch_dtype).to(torch_device).eval()
+        kernels = uses_cpu_kernels(kernel_dir, torch_device, torch_dtype)
         if can_pack(torch_device, torch_dtype):  # the decode path only: the vision tower runs once a request
-            pack_linears(model.get_decoder())
-            model.lm_head = PackedLinear(model.get_output_embeddings())
+            pack_linears(model.get_decoder(), kernels)
+            model.lm_head = prepared_linear(model.get_output_embeddings(), kernels)
         seconds = time.perf_counter() - started
         logger.info("loaded %s (vision) on %s (%s) in %.2f s", source.name, torch_device, torch_dtype, seconds)
-        return cls(model, processor, torch_device)
+        return cls(model, processor, torch_device, kernels)
 
     def render(
         self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None

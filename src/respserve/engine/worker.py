@@ -69,7 +69,9 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
         if peers is not None:
             peers.share_pool_size(num_blocks, size)
         decode_graphs = DecodeGraphs(pipeline.model, self.kv_cache, self.limits.max_running) if graphs else None
-        self._runner = ModelRunner(pipeline.model, self.kv_cache, pipeline.device, peers, decode_graphs)
+        self._runner = ModelRunner(
+            pipeline.model, self.kv_cache, pipeline.device, peers, decode_graphs, decode_kernel=pipeline.cpu_kernels
+        )
         self._threads = CpuThreads(pipeline.device, spare_a_core=self.limits.spare_a_core and peers is None)
         self.scheduler = self._new_scheduler()
         # A prompt must leave room in the pool for at least one output token.

@@ -1,0 +1,121 @@
+// y = x @ w.T + bias for float32 activations x [M, K] and weights w [N, K] stored as bfloat16, multiplied
+// and accumulated in float32 (AVX2 + FMA).
+//
+// Every bfloat16 is a float32 with the low 16 bits zero, so weights whose float32 values bfloat16 holds
+// exactly (a bf16 checkpoint served at float32) lose nothing in this form, and a decode step reads half
+// the bytes: on a CPU the small-batch matmuls of decoding wait on memory. Each output column is summed in
+// k order whatever M is, so a row's result does not depend on the rows batched with it.
+//
+// The weights are packed in blocks of 16 output columns, [N / 16][K][16] (packed_linear.py pads N), the
+// columns of each k step ordered 0-3, 8-11, 4-7, 12-15: interleaving 16 such bf16 with zeros (which puts
+// each in the high half of a float) gives columns 0-7 and 8-15 in order, one instruction each.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace {
+
+constexpr int64_t kColumns = 16;  // output columns of a packed block
+constexpr int kMaxRows = 6;       // rows of x per pass: 12 accumulators, 2 weight and 1 broadcast register
+constexpr int64_t kPrefetchAhead = 2048;  // bytes of weights requested ahead of the ones being read
+
+inline void load_weights(const uint16_t* w, __m256& low, __m256& high) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i zero = _mm256_setzero_si256();
+  low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+  high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+}
+
+// One block's 16 columns for R rows of x (row stride K), into out [R][16]. A block is read once from
+// memory and then from cache by the later passes of a larger M: `ahead` requests one cache line of the
+// thread's next weights every `every` k steps, so that memory keeps streaming during those passes too.
+template <int R>
+void block_rows(const float* x, int64_t K, const uint16_t* w, float* out, const char*& ahead, int64_t every) {
+  const char* next = ahead;
+  __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0;
+  __m256 l3 = l0, h3 = l0, l4 = l0, h4 = l0, l5 = l0, h5 = l0;
+  for (int64_t k0 = 0; k0 < K; k0 += every) {
+    _mm_prefetch(next, _MM_HINT_T0);
+    next += 64;
+    const int64_t k1 = std::min(K, k0 + every);
+    // Named accumulators and `if constexpr`: an array here is kept on the stack by gcc, not in registers.
+    for (int64_t k = k0; k < k1; ++k) {
+      __m256 low, high, xk;
+      load_weights(w + k * kColumns, low, high);
+#define RESPSERVE_ROW(r)                                   \
+  if constexpr (R > r) {                                   \
+    xk = _mm256_broadcast_ss(x + r * K + k);               \
+    l##r = _mm256_fmadd_ps(xk, low, l##r);                 \
+    h##r = _mm256_fmadd_ps(xk, high, h##r);                \
+  }
+      RESPSERVE_ROW(0) RESPSERVE_ROW(1) RESPSERVE_ROW(2) RESPSERVE_ROW(3) RESPSERVE_ROW(4) RESPSERVE_ROW(5)
+#undef RESPSERVE_ROW
+    }
+  }
+  ahead = next;
+#define RESPSERVE_STORE(r)                                 \
+  if constexpr (R > r) {                                   \
+    _mm256_storeu_ps(out + r * kColumns, l##r);            \
+    _mm256_storeu_ps(out + r * kColumns + 8, h##r);        \
+  }
+  RESPSERVE_STORE(0) RESPSERVE_STORE(1) RESPSERVE_STORE(2) RESPSERVE_STORE(3) RESPSERVE_STORE(4) RESPSERVE_STORE(5)
+#undef RESPSERVE_STORE
+}
+
+using BlockRows = void (*)(const float*, int64_t, const uint16_t*, float*, const char*&, int64_t);
+constexpr BlockRows kBlockRows[kMaxRows + 1] = {
+    nullptr, block_rows<1>, block_rows<2>, block_rows<3>, block_rows<4>, block_rows<5>, block_rows<6>};
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "bf16_linear: x must be float32, not ", x.scalar_type());
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 3 && packed.size(2) == kColumns &&
+                  packed.is_contiguous(),
+              "bf16_linear: weights must be packed as [N / 16, K, 16] bfloat16");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(packed.size(1) == K, "bf16_linear: x has ", K, " features, the weights ", packed.size(1));
+  TORCH_CHECK(n > (packed.size(0) - 1) * kColumns && n <= packed.size(0) * kColumns, "bf16_linear: bad n ", n);
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_contiguous()),
+              "bf16_linear: bias must be float32 [n]");
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  const at::Tensor rows = x.reshape({-1, K}).contiguous();
+  const int64_t M = rows.size(0);
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0) return y.view(shape);
+  const float* xs = rows.data_ptr<float>();
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  float* ys = y.data_ptr<float>();
+  const float* bs = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const int64_t passes = (M + kMaxRows - 1) / kMaxRows;
+  // A block is K * 32 bytes, K / 2 cache lines; over all passes `ahead` moves on by one block.
+  const int64_t every = 2 * passes;
+  at::parallel_for(0, packed.size(0), 1, [&](int64_t first, int64_t last) {
+    alignas(32) float out[kMaxRows * kColumns];
+    const char* ahead = reinterpret_cast<const char*>(ws + first * K * kColumns) + kPrefetchAhead;
+    for (int64_t block = first; block < last; ++block) {
+      const uint16_t* w = ws + block * K * kColumns;
+      const int64_t column = block * kColumns, columns = std::min(kColumns, n - column);
+      for (int64_t pass = 0, m = 0; pass < passes; ++pass) {
+        const int64_t count = (M - m) / (passes - pass);  // the rows spread evenly over the passes
+        kBlockRows[count](xs + m * K, K, w, out, ahead, every);
+        for (int64_t r = 0; r < count; ++r) {
+          float* dst = ys + (m + r) * n + column;
+          for (int64_t c = 0; c < columns; ++c) dst[c] = out[r * kColumns + c] + (bs ? bs[column + c] : 0.f);
+        }
+        m += count;
+      }
+    }
+  });
+  return y.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(respserve, m) {
+  m.def("bf16_linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
+  m.impl("bf16_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_linear));
+}

@@ -1,0 +1,188 @@
+"""respserve's CPU kernels (engine/kernels/*.cpp), built the way a server builds them: the bf16-weight
+matmul against float64 references, which linears take it, the paged decode attention against the
+gather-and-SDPA path it replaces, and what serves when they cannot be built."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import RunningServer, assert_same_greedy_tokens, free_port, needs_kernels, never_ends, serving
+
+from respserve.cli import _parser
+from respserve.config import load_settings
+from respserve.engine.block_manager import NULL_BLOCK
+from respserve.engine.packed_linear import Bf16Linear, PackedLinear, pack_bf16_blocks, prepared_linear
+from respserve.engine.paged_attention import build_step_layout, paged_attention
+from respserve.engine.text_pipeline import uses_cpu_kernels
+
+
+def bf16_exact_linear(in_features: int, out_features: int, bias: bool = True, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(linear.weight.to(torch.bfloat16).float())
+    return linear
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 13, 31, 64, 200])
+@pytest.mark.parametrize(("in_features", "out_features", "bias"), [(64, 48, True), (576, 40, False), (96, 200, True)])
+def test_the_bf16_kernel_computes_float32_products(rows: int, in_features: int, out_features: int, bias: bool) -> None:
+    linear = bf16_exact_linear(in_features, out_features, bias)
+    x = torch.randn(rows, in_features)
+    weight, offset = linear.weight.detach().double(), linear.bias.detach().double() if bias else 0.0
+    expected = x.double() @ weight.T + offset
+    with torch.inference_mode():
+        got = Bf16Linear(linear)(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    # float32 sums of in_features products: a few float32 steps of the result's size
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=in_features * 2e-7 * float(expected.abs().max()))
+
+
+@needs_kernels
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it() -> None:
+    module = Bf16Linear(bf16_exact_linear(576, 1000, seed=1))
+    x = torch.randn(2, 9, 576)  # any leading shape, rows flattened
+    with torch.inference_mode():
+        batched = module(x)
+        assert batched.shape == (2, 9, 1000)
+        for row in range(9):
+            assert torch.equal(module(x[1, row : row + 1]), batched[1, row : row + 1])
+        assert torch.equal(module(x[:, :3].contiguous()), batched[:, :3])
+        assert module(torch.empty(0, 576)).shape == (0, 1000)
+
+
+def test_bf16_blocks_are_padded_and_ordered_for_the_kernel() -> None:
+    weight = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)
+    blocks = pack_bf16_blocks(weight)
+    assert blocks.shape == (2, 3, 16) and blocks.dtype == torch.bfloat16
+    # k step 0 of block 0: columns 0-3, 8-11, 4-7, 12-15 (each column's first weight is 3 x its index)
+    order = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]
+    assert blocks[0, 0].tolist() == [3.0 * column for column in order]
+    assert blocks[1, 2, :4].tolist() == [3.0 * 16 + 2, 3.0 * 17 + 2, 3.0 * 18 + 2, 3.0 * 19 + 2]
+    assert not blocks[1, :, 4:].any()  # the padding
+
+
+def test_only_weights_that_bf16_holds_exactly_are_kept_as_bf16() -> None:
+    exact = bf16_exact_linear(64, 32)
+    torch.manual_seed(2)
+    inexact = torch.nn.Linear(64, 32)  # float32 random weights: most need more than bf16's 8 bits
+    assert isinstance(prepared_linear(exact, bf16_kernel=True), Bf16Linear)
+    assert isinstance(prepared_linear(inexact, bf16_kernel=True), PackedLinear)
+    assert isinstance(prepared_linear(exact, bf16_kernel=False), PackedLinear)  # --no-cpu-kernels
+
+
+def _decode_step(lengths: list[int], kv_heads: int, block_size: int = 4, seed: int = 0) -> tuple:
+    """A pool with NaN in every slot no row has written, block tables in shuffled order, and the layout of
+    a step in which each row decodes its last token."""
+    torch.manual_seed(seed)
+    head_dim, blocks = 16, 64
+    pool = [torch.full((blocks * block_size, kv_heads, head_dim), float("nan")) for _ in range(2)]
+    for tensor in pool:
+        tensor[NULL_BLOCK * block_size : (NULL_BLOCK + 1) * block_size] = 0
+    free = torch.randperm(blocks - 1)[: sum(-(-n // block_size) for n in lengths)] + 1
+    tables, taken = [], 0
+    for n in lengths:
+        count = -(-n // block_size)
+        table = free[taken : taken + count].tolist()
+        taken += count
+        slots = (torch.tensor(table)[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:n]
+        for tensor in pool:
+            tensor[slots] = torch.randn(n, kv_heads, head_dim)
+        tables.append(table)
+    spans = [(n - 1, n) for n in lengths]
+    return pool, tables, spans, block_size
+
+
+@needs_kernels
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 1)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_the_decode_kernel_attends_as_gathering_and_sdpa_do(heads: int, kv_heads: int, window: int | None) -> None:
+    lengths = [1, 7, 16, 33, 4]
+    (keys, values), tables, spans, block_size = _decode_step(lengths, kv_heads)
+    query = torch.randn(1, heads, len(lengths), 16)
+    module = torch.nn.Module()
+    results = []
+    for kernel in (False, True):
+        layout = build_step_layout(tables, spans, block_size, torch.device("cpu"), decode_kernel=kernel)
+        out, _ = paged_attention(module, query, keys, values, None, 0.3, sliding_window=window, paged_step=layout)
+        results.append(out)
+    assert not results[1].isnan().any()
+    torch.testing.assert_close(results[1], results[0], atol=2e-6, rtol=1e-5)
+
+
+@needs_kernels
+def test_a_decode_row_mixed_with_a_prefill_chunk_goes_through_the_kernel() -> None:
+    (keys, values), tables, _, block_size = _decode_step([9, 12], kv_heads=2)
+    spans = [(8, 9), (0, 12)]  # a decode row, then a whole prompt's chunk
+    query = torch.randn(1, 4, 13, 16)
+    with torch.inference_mode():
+        outputs = [
+            paged_attention(
+                torch.nn.Module(),
+                query,
+                keys,
+                values,
+                None,
+                paged_step=build_step_layout(tables, spans, block_size, torch.device("cpu"), decode_kernel=kernel),
+            )[0]
+            for kernel in (False, True)
+        ]
+    torch.testing.assert_close(outputs[1], outputs[0], atol=2e-6, rtol=1e-5)
+
+
+def test_without_a_compiler_the_engine_runs_without_the_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING):
+        assert not uses_cpu_kernels(tmp_path / "kernels", torch.device("cpu"), torch.float32)
+    assert "not available" in caplog.text
+    assert not (tmp_path / "kernels").exists()
+
+
+def test_the_kernels_serve_float32_on_the_cpu_only(tmp_path: Path) -> None:
+    assert not uses_cpu_kernels(None, torch.device("cpu"), torch.float32)  # --no-cpu-kernels
+    assert not uses_cpu_kernels(tmp_path, torch.device("cpu"), torch.bfloat16)
+    assert not (tmp_path / "kernels").exists()
+
+
+@needs_kernels
+def test_the_embedded_model_is_served_with_the_kernels(server: RunningServer) -> None:
+    worker = server.state.default_model.worker
+    model = worker.pipeline.model
+    layer = model.model.layers[0]
+    # Its checkpoint (converted from the GGUF) is bf16, so every projection and the output head qualify.
+    assert isinstance(model.lm_head, Bf16Linear)
+    assert isinstance(layer.mlp.down_proj, Bf16Linear) and isinstance(layer.self_attn.o_proj, Bf16Linear)
+    assert isinstance(layer.self_attn.q_proj.fused.linear, Bf16Linear)
+    assert worker._runner.decode_kernel
+
+
+@needs_kernels
+def test_no_cpu_kernels_serves_the_same_greedy_tokens_from_float32_weights(
+    tmp_path: Path, server: RunningServer
+) -> None:
+    assert vars(_parser().parse_args(["serve", "--no-cpu-kernels"]))["cpu_kernels"] is False
+    bodies = [
+        {
+            "input": f"Tell me one fact about the number {n}.",
+            "temperature": 0,
+            "max_output_tokens": 32,
+            "logit_bias": never_ends(server),
+            "include": ["message.output_text.logprobs"],
+            "top_logprobs": 2,
+        }
+        for n in range(6)
+    ]
+    with_kernels = [httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=120).json() for body in bodies]
+    for plain in serving(load_settings(port=free_port(), data_dir=str(tmp_path), cpu_kernels=False)):
+        worker = plain.state.default_model.worker
+        assert isinstance(worker.pipeline.model.lm_head, PackedLinear) and not worker._runner.decode_kernel
+        for body, kept in zip(bodies, with_kernels, strict=True):
+            without = httpx.post(f"{plain.base_url}/v1/responses", json=body, timeout=120).json()
+            assert_same_greedy_tokens(kept, without)
