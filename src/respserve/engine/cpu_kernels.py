@@ -11,8 +11,9 @@ Two, for what no library here does well enough on a small CPU:
 They are built with the machine's C++ compiler (`CXX`, else `c++`) against the running torch, into one
 library in `<cache dir>/kernels`, named by a hash of the sources, the flags and torch's version: a change
 builds anew, and servers starting together never load a half-written file (each compiles to a file of
-its own, renamed into place). Without a compiler, or on a CPU without AVX2 and FMA, nothing is built and
-the engine runs as it does without them (oneDNN-packed float32 weights, SDPA); the log says why.
+its own, renamed into place); one source compiles per core. Without a working compiler, or on a CPU
+without AVX2 and FMA, nothing is built and the engine runs as it does without them (oneDNN-packed float32
+weights, SDPA); the log says why.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(sorted(Path(__file__).with_name("kernels").glob("*.cpp")))
 # -fopenmp: at::parallel_for splits the work over torch's own OpenMP threads (the process's libgomp).
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-fPIC")
+_LIBRARIES = ("-lc10", "-ltorch_cpu")
 _BUILD_TIMEOUT_S = 300
 
 
@@ -66,12 +68,29 @@ def _compiler() -> str:
     return os.environ.get("CXX", "c++")
 
 
-def _command(output: Path) -> list[str]:
+def _compile(source: Path, output: Path) -> list[str]:
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    return [_compiler(), *_FLAGS, abi, *includes, "-c", str(source), "-o", str(output)]
+
+
+def _link(objects: list[Path], output: Path) -> list[str]:
     libraries = [f"-L{path}" for path in cpp_extension.library_paths()]
-    sources = [str(source) for source in SOURCES]
-    return [_compiler(), *_FLAGS, abi, *includes, *sources, "-o", str(output), *libraries, "-lc10", "-ltorch_cpu"]
+    return [_compiler(), "-shared", "-fopenmp", *map(str, objects), "-o", str(output), *libraries, *_LIBRARIES]
+
+
+def _run(commands: list[list[str]]) -> None:
+    """Runs the commands at once (one source per core), raising with the compiler's words if one fails."""
+    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for command in commands]
+    try:
+        errors = [process.communicate(timeout=_BUILD_TIMEOUT_S)[1] for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, error in zip(processes, errors, strict=True):
+        if process.returncode != 0:
+            raise RuntimeError(f"{_compiler()} failed: {error.strip()[-600:]}")
 
 
 def _built(kernel_dir: Path) -> Path:
@@ -84,11 +103,17 @@ def _built(kernel_dir: Path) -> Path:
         return library
     kernel_dir.mkdir(parents=True, exist_ok=True)
     partial = library.with_suffix(f".{os.getpid()}.partial")
-    logger.info("compiling respserve's CPU kernels into %s (once, about half a minute)", library)
-    done = subprocess.run(_command(partial), capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-    if done.returncode != 0:
+    objects = [partial.with_name(f"{partial.name}.{source.stem}.o") for source in SOURCES]
+    logger.info("compiling respserve's CPU kernels into %s (once, about 20 s)", library)
+    try:
+        _run([_compile(source, obj) for source, obj in zip(SOURCES, objects, strict=True)])
+        _run([_link(objects, partial)])
+    except BaseException:
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"{_compiler()} failed: {done.stderr.strip()[-600:]}")
+        raise
+    finally:
+        for obj in objects:
+            obj.unlink(missing_ok=True)
     os.replace(partial, library)
     for stale in kernel_dir.glob("respserve_cpu-*.so"):  # earlier sources' builds (a loaded one stays mapped)
         if stale != library:

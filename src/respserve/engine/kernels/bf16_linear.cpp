@@ -10,7 +10,8 @@
 // columns of each k step ordered 0-3, 8-11, 4-7, 12-15: interleaving 16 such bf16 with zeros (which puts
 // each in the high half of a float) gives columns 0-7 and 8-15 in order, one instruction each.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>

@@ -5,7 +5,8 @@
 // out[r, h] = softmax_j(scale * q[r, h] . K[slot(r, j), h / group]) @ V[slot(r, j), h / group], for the
 // positions j in [first, length) of row r; first = length - window with a sliding window, else 0.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
