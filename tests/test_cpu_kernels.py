@@ -15,6 +15,7 @@ from conftest import RunningServer, assert_same_greedy_tokens, free_port, needs_
 from respserve.cli import _parser
 from respserve.config import load_settings
 from respserve.engine.block_manager import NULL_BLOCK
+from respserve.engine.fused_norms import FusedRMSNorm, fuse_rms_norms
 from respserve.engine.packed_linear import Bf16Linear, PackedLinear, pack_bf16_blocks, prepared_linear
 from respserve.engine.paged_attention import build_step_layout, paged_attention
 from respserve.engine.text_pipeline import uses_cpu_kernels
@@ -74,6 +75,43 @@ def test_only_weights_that_bf16_holds_exactly_are_kept_as_bf16() -> None:
     assert isinstance(prepared_linear(exact, bf16_kernel=True), Bf16Linear)
     assert isinstance(prepared_linear(inexact, bf16_kernel=True), PackedLinear)
     assert isinstance(prepared_linear(exact, bf16_kernel=False), PackedLinear)  # --no-cpu-kernels
+
+
+@needs_kernels
+@pytest.mark.parametrize("norm", ["llama", "qwen3", "gemma3"])
+def test_a_fused_rms_norm_computes_what_transformers_norm_does(norm: str) -> None:
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    torch.manual_seed(3)
+    module = {"llama": LlamaRMSNorm, "qwen3": Qwen3RMSNorm, "gemma3": Gemma3RMSNorm}[norm](64, eps=1e-5)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(64))
+    parent = torch.nn.Module()
+    parent.norm = module
+    assert fuse_rms_norms(parent) == 1 and isinstance(parent.norm, FusedRMSNorm)
+    assert parent.norm.offset == (1.0 if norm == "gemma3" else 0.0)  # Gemma scales by 1 + weight
+    wide = torch.randn(2, 5, 3 * 64) * 4
+    for x in (torch.randn(7, 64), torch.randn(1, 3, 64) * 100, wide[..., 64:128].unflatten(-1, (1, 64))):
+        with torch.inference_mode():
+            torch.testing.assert_close(parent.norm(x), module(x), rtol=1e-5, atol=1e-6)
+
+
+def test_norms_the_kernel_does_not_compute_keep_their_own_forward() -> None:
+    class ScaledRMSNorm(torch.nn.Module):  # an RMSNorm by name that computes something else
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.eps = torch.nn.Parameter(torch.randn(8)), 1e-6
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    torch.manual_seed(4)
+    parent = torch.nn.Module()
+    parent.norm, parent.layer_norm = ScaledRMSNorm(), torch.nn.LayerNorm(8)
+    assert fuse_rms_norms(parent) == 0
+    assert isinstance(parent.norm, ScaledRMSNorm) and isinstance(parent.layer_norm, torch.nn.LayerNorm)
 
 
 def _decode_step(lengths: list[int], kv_heads: int, block_size: int = 4, seed: int = 0) -> tuple:
@@ -162,6 +200,7 @@ def test_the_embedded_model_is_served_with_the_kernels(server: RunningServer) ->
     assert isinstance(model.lm_head, Bf16Linear)
     assert isinstance(layer.mlp.down_proj, Bf16Linear) and isinstance(layer.self_attn.o_proj, Bf16Linear)
     assert isinstance(layer.self_attn.q_proj.fused.linear, Bf16Linear)
+    assert isinstance(layer.input_layernorm, FusedRMSNorm) and isinstance(model.model.norm, FusedRMSNorm)
     assert worker._runner.decode_kernel
 
 

@@ -30,6 +30,7 @@ from conftest import (
 from respserve.config import load_settings
 from respserve.engine.block_manager import BlockManager
 from respserve.engine.cpu_threads import SMALL_STEP_ROWS, CpuThreads, ThreadChoice
+from respserve.engine.fused_norms import fuse_rms_norms
 from respserve.engine.fused_projections import FusedSibling, fuse_projections
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes
@@ -59,8 +60,10 @@ def _run_to_the_end(
     reference.load_state_dict(model.state_dict())
     block_size = 4
     model.to(device)
-    if pack:  # the CPU's load path: packed weights, sibling projections fused
+    if pack:  # the CPU's load path: packed weights, sibling projections fused, norms fused with the kernels
         assert pack_linears(model, bf16_kernel=kernels) > 0
+        if kernels:
+            assert fuse_rms_norms(model) == 2 * 2 + 2 * 2 + 1  # per layer: 2 + q_norm and k_norm; the final one
     cache = PagedKVCache(model.config, num_blocks, block_size, torch.float32, torch.device(device))
     for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring
         pool[block_size:].fill_(float("nan"))

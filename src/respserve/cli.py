@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         "--cpu-kernels",
         dest="cpu_kernels",
         action=argparse.BooleanOptionalAction,
-        help="on the CPU, bf16-exact float32 weights kept as bf16 for our kernel (default: on)",
+        help="on the CPU in float32, respserve's kernels: bf16-kept weights, decode attention, RMSNorm (default: on)",
     )
     serve.add_argument(
         "--image-model", dest="image_models", action="append", help="a diffusers folder, PATH or ID=PATH (repeatable)"

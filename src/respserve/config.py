@@ -166,7 +166,7 @@ class Settings(BaseSettings):
     )
     cpu_kernels: bool = Field(
         default=True,
-        description="On the CPU, keep float32 weights that bf16 holds exactly as bf16, multiplied by our kernel.",
+        description="On the CPU in float32, our kernels: bf16-exact weights kept as bf16, decode attention, RMSNorm.",
     )
     image_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

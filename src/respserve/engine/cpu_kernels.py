@@ -1,19 +1,21 @@
 """Our own CPU kernels (kernels/*.cpp), compiled on first use and kept for later starts.
 
-Two, for what no library here does well enough on a small CPU:
+Three, for what no library here does well enough on a small CPU:
 - `torch.ops.respserve.bf16_linear` (kernels/bf16_linear.cpp): float32 activations times bfloat16-stored
   weights, in float32. oneDNN multiplies bf16 weights only by bf16 activations, and on CPUs without
   AVX-512 it emulates that (packed_linear.py says when the weights qualify).
 - `torch.ops.respserve.paged_decode_attention` (kernels/paged_attention.cpp): decode rows' attention read
   in place from the KV pool through their slots, instead of gathering the keys and values and calling
   SDPA with a mask (paged_attention.py).
+- `torch.ops.respserve.rms_norm` (kernels/rms_norm.cpp): an RMSNorm in one call instead of eight tensor
+  ops (fused_norms.py says which norms it stands in for).
 
 They are built with the machine's C++ compiler (`CXX`, else `c++`) against the running torch, into one
 library in `<cache dir>/kernels`, named by a hash of the sources, the flags and torch's version: a change
 builds anew, and servers starting together never load a half-written file (each compiles to a file of
 its own, renamed into place); one source compiles per core. Without a working compiler, or on a CPU
 without AVX2 and FMA, nothing is built and the engine runs as it does without them (oneDNN-packed float32
-weights, SDPA); the log says why.
+weights, SDPA, transformers' norms); the log says why.
 """
 
 from __future__ import annotations

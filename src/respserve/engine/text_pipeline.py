@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from respserve.engine.cpu_kernels import load_cpu_kernels
 from respserve.engine.device import pick_device, pick_dtype
+from respserve.engine.fused_norms import fuse_rms_norms
 from respserve.engine.generation import ChatMessage, ToolSpec
 from respserve.engine.model_source import ModelSource, ModelSourceError
 from respserve.engine.packed_linear import can_pack, pack_linears
@@ -94,6 +95,8 @@ class TextPipeline:
         kernels = tensor_parallel == 1 and uses_cpu_kernels(kernel_dir, torch_device, torch_dtype)
         if can_pack(torch_device, torch_dtype) and tensor_parallel == 1:  # (sharded weights stay DTensors)
             pack_linears(model, kernels)  # half the decode matmul time on the CPU (see packed_linear.py)
+        if kernels:
+            fuse_rms_norms(model)  # one kernel call a norm (fused_norms.py)
         logger.info(
             "loaded %s on %s (%s) in %.2f s",
             source.name,

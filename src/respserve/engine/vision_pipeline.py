@@ -36,6 +36,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.utils import is_torchvision_available
 
 from respserve.engine.device import pick_device, pick_dtype
+from respserve.engine.fused_norms import fuse_rms_norms
 from respserve.engine.generation import ChatMessage, PromptImage, ToolSpec
 from respserve.engine.model_source import ModelSource, ModelSourceError
 from respserve.engine.packed_linear import can_pack, pack_linears, prepared_linear
@@ -181,6 +182,8 @@ class VisionLanguagePipeline(TextPipeline):
         if can_pack(torch_device, torch_dtype):  # the decode path only: the vision tower runs once a request
             pack_linears(model.get_decoder(), kernels)
             model.lm_head = prepared_linear(model.get_output_embeddings(), kernels)
+        if kernels:
+            fuse_rms_norms(model.get_decoder())
         seconds = time.perf_counter() - started
         logger.info("loaded %s (vision) on %s (%s) in %.2f s", source.name, torch_device, torch_dtype, seconds)
         return cls(model, processor, torch_device, kernels)
