@@ -98,10 +98,11 @@ class TextPipeline:
         if kernels:
             fuse_rms_norms(model)  # one kernel call a norm (fused_norms.py)
         logger.info(
-            "loaded %s on %s (%s) in %.2f s",
+            "loaded %s on %s (%s%s) in %.2f s",
             source.name,
             torch_device,
             torch_dtype,
+            ", respserve's CPU kernels" if kernels else "",
             time.perf_counter() - started,
         )
         return cls(model, tokenizer, torch_device, tensor_parallel, kernels)
