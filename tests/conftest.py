@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 from respserve.api.app import create_app
 from respserve.api.state import AppState
 from respserve.config import Settings, load_settings
+from respserve.engine.block_manager import NULL_BLOCK
 from respserve.engine.cpu_kernels import load_cpu_kernels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -191,6 +192,30 @@ class TextTokens:
         self.images = None
         self.rope_positions = None
         self.image_spans: tuple[tuple[int, int], ...] = ()
+
+
+def decode_step(
+    lengths: list[int], kv_heads: int, block_size: int = 4, seed: int = 0, garbage: float = float("nan")
+) -> tuple[list[torch.Tensor], list[list[int]], list[tuple[int, int]], int]:
+    """A pool (keys, values) with `garbage` in every slot no row has written, block tables in shuffled
+    order, and the spans of a step in which each row decodes its last token."""
+    torch.manual_seed(seed)
+    head_dim, blocks = 16, 64
+    pool = [torch.full((blocks * block_size, kv_heads, head_dim), garbage) for _ in range(2)]
+    for tensor in pool:
+        tensor[NULL_BLOCK * block_size : (NULL_BLOCK + 1) * block_size] = 0
+    free = torch.randperm(blocks - 1)[: sum(-(-n // block_size) for n in lengths)] + 1
+    tables, taken = [], 0
+    for n in lengths:
+        count = -(-n // block_size)
+        table = free[taken : taken + count].tolist()
+        taken += count
+        slots = (torch.tensor(table)[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:n]
+        for tensor in pool:
+            tensor[slots] = torch.randn(n, kv_heads, head_dim)
+        tables.append(table)
+    spans = [(n - 1, n) for n in lengths]
+    return pool, tables, spans, block_size
 
 
 # The layers of every tiny random text model the tests build (head size 16).

@@ -10,11 +10,18 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import RunningServer, assert_same_greedy_tokens, free_port, needs_kernels, never_ends, serving
+from conftest import (
+    RunningServer,
+    assert_same_greedy_tokens,
+    decode_step,
+    free_port,
+    needs_kernels,
+    never_ends,
+    serving,
+)
 
 from respserve.cli import _parser
 from respserve.config import load_settings
-from respserve.engine.block_manager import NULL_BLOCK
 from respserve.engine.fused_norms import FusedRMSNorm, fuse_rms_norms
 from respserve.engine.packed_linear import Bf16Linear, PackedLinear, pack_bf16_blocks, prepared_linear
 from respserve.engine.paged_attention import build_step_layout, paged_attention
@@ -114,39 +121,17 @@ def test_norms_the_kernel_does_not_compute_keep_their_own_forward() -> None:
     assert isinstance(parent.norm, ScaledRMSNorm) and isinstance(parent.layer_norm, torch.nn.LayerNorm)
 
 
-def _decode_step(lengths: list[int], kv_heads: int, block_size: int = 4, seed: int = 0) -> tuple:
-    """A pool with NaN in every slot no row has written, block tables in shuffled order, and the layout of
-    a step in which each row decodes its last token."""
-    torch.manual_seed(seed)
-    head_dim, blocks = 16, 64
-    pool = [torch.full((blocks * block_size, kv_heads, head_dim), float("nan")) for _ in range(2)]
-    for tensor in pool:
-        tensor[NULL_BLOCK * block_size : (NULL_BLOCK + 1) * block_size] = 0
-    free = torch.randperm(blocks - 1)[: sum(-(-n // block_size) for n in lengths)] + 1
-    tables, taken = [], 0
-    for n in lengths:
-        count = -(-n // block_size)
-        table = free[taken : taken + count].tolist()
-        taken += count
-        slots = (torch.tensor(table)[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:n]
-        for tensor in pool:
-            tensor[slots] = torch.randn(n, kv_heads, head_dim)
-        tables.append(table)
-    spans = [(n - 1, n) for n in lengths]
-    return pool, tables, spans, block_size
-
-
 @needs_kernels
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 1)])
 @pytest.mark.parametrize("window", [None, 5])
 def test_the_decode_kernel_attends_as_gathering_and_sdpa_do(heads: int, kv_heads: int, window: int | None) -> None:
     lengths = [1, 7, 16, 33, 4]
-    (keys, values), tables, spans, block_size = _decode_step(lengths, kv_heads)
+    (keys, values), tables, spans, block_size = decode_step(lengths, kv_heads)
     query = torch.randn(1, heads, len(lengths), 16)
     module = torch.nn.Module()
     results = []
-    for kernel in (False, True):
-        layout = build_step_layout(tables, spans, block_size, torch.device("cpu"), decode_kernel=kernel)
+    for attention in ("gather", "kernel"):
+        layout = build_step_layout(tables, spans, block_size, torch.device("cpu"), decode_attention=attention)
         out, _ = paged_attention(module, query, keys, values, None, 0.3, sliding_window=window, paged_step=layout)
         results.append(out)
     assert not results[1].isnan().any()
@@ -155,9 +140,10 @@ def test_the_decode_kernel_attends_as_gathering_and_sdpa_do(heads: int, kv_heads
 
 @needs_kernels
 def test_a_decode_row_mixed_with_a_prefill_chunk_goes_through_the_kernel() -> None:
-    (keys, values), tables, _, block_size = _decode_step([9, 12], kv_heads=2)
+    (keys, values), tables, _, block_size = decode_step([9, 12], kv_heads=2)
     spans = [(8, 9), (0, 12)]  # a decode row, then a whole prompt's chunk
     query = torch.randn(1, 4, 13, 16)
+    cpu = torch.device("cpu")
     with torch.inference_mode():
         outputs = [
             paged_attention(
@@ -166,9 +152,9 @@ def test_a_decode_row_mixed_with_a_prefill_chunk_goes_through_the_kernel() -> No
                 keys,
                 values,
                 None,
-                paged_step=build_step_layout(tables, spans, block_size, torch.device("cpu"), decode_kernel=kernel),
+                paged_step=build_step_layout(tables, spans, block_size, cpu, decode_attention=attention),
             )[0]
-            for kernel in (False, True)
+            for attention in ("gather", "kernel")
         ]
     torch.testing.assert_close(outputs[1], outputs[0], atol=2e-6, rtol=1e-5)
 
@@ -201,7 +187,7 @@ def test_the_embedded_model_is_served_with_the_kernels(server: RunningServer) ->
     assert isinstance(layer.mlp.down_proj, Bf16Linear) and isinstance(layer.self_attn.o_proj, Bf16Linear)
     assert isinstance(layer.self_attn.q_proj.fused.linear, Bf16Linear)
     assert isinstance(layer.input_layernorm, FusedRMSNorm) and isinstance(model.model.norm, FusedRMSNorm)
-    assert worker._runner.decode_kernel
+    assert worker._runner.decode_attention == "kernel"
 
 
 @needs_kernels
@@ -223,7 +209,7 @@ def test_no_cpu_kernels_serves_the_same_greedy_tokens_from_float32_weights(
     with_kernels = [httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=120).json() for body in bodies]
     for plain in serving(load_settings(port=free_port(), data_dir=str(tmp_path), cpu_kernels=False)):
         worker = plain.state.default_model.worker
-        assert isinstance(worker.pipeline.model.lm_head, PackedLinear) and not worker._runner.decode_kernel
+        assert isinstance(worker.pipeline.model.lm_head, PackedLinear) and worker._runner.decode_attention == "gather"
         for body, kept in zip(bodies, with_kernels, strict=True):
             without = httpx.post(f"{plain.base_url}/v1/responses", json=body, timeout=120).json()
             assert_same_greedy_tokens(kept, without)

@@ -26,6 +26,7 @@ from respserve.engine.cuda_graphs import (
 )
 from respserve.engine.kv_cache import PagedKVCache
 from respserve.engine.model_runner import ModelRunner, StepInputs
+from respserve.engine.paged_attention import DecodeAttention
 from respserve.engine.scheduler import Chunk
 
 BLOCK = 4
@@ -46,11 +47,16 @@ def _model() -> Any:
     return Qwen3ForCausalLM(config).eval()
 
 
-def _pool(model: Any, device: str, scratch: bool = False) -> PagedKVCache:
-    cache = PagedKVCache(model.config, NUM_BLOCKS, BLOCK, torch.float32, torch.device(device), scratch=scratch)
-    for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring
-        pool[BLOCK:].fill_(float("nan"))
+def _pool(model: Any, device: str, scratch: bool = False, attention: DecodeAttention = "gather") -> PagedKVCache:
+    zeroed = attention == "flex"
+    cache = PagedKVCache(model.config, NUM_BLOCKS, BLOCK, torch.float32, torch.device(device), 1, scratch, zeroed)
+    for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring: garbage,
+        pool[BLOCK:].fill_(_garbage(attention))  # or a finished sequence's KV in a pool flex needs zeroed
     return cache
+
+
+def _garbage(attention: DecodeAttention) -> float:
+    return 1e4 if attention == "flex" else float("nan")
 
 
 def _decode(sequences: list[TextTokens]) -> list[Chunk]:
@@ -133,10 +139,12 @@ def test_the_scratch_block_is_carved_from_the_pool_and_never_handed_out() -> Non
         DecodeGraphs(model, plain, max_batch=8)
 
 
-def test_static_padded_decode_steps_match_the_eager_path_on_the_cpu() -> None:
+@pytest.mark.parametrize("attention", ["gather", "flex"])
+def test_static_padded_decode_steps_match_the_eager_path_on_the_cpu(attention: DecodeAttention) -> None:
     model = _model()
     normal = ModelRunner(model, _pool(model, "cpu"), torch.device("cpu"))
-    graphs = DecodeGraphs(model, _pool(model, "cpu", scratch=True), max_batch=8, capture=False)
+    cache = _pool(model, "cpu", scratch=True, attention=attention)
+    graphs = DecodeGraphs(model, cache, max_batch=8, capture=False, decode_attention=attention)
     static = ModelRunner(model, graphs.cache, torch.device("cpu"), graphs=graphs)
     held = _run_in_lockstep([normal, static], graphs, atol=1e-5, rtol=1e-5)
     # Three rows in bucket 4 at widths 4 and 8 blocks, four rows unpadded, and after a mixed (eager) step.
@@ -150,7 +158,7 @@ def test_static_padded_decode_steps_match_the_eager_path_on_the_cpu() -> None:
         assert not blocks[NULL_BLOCK].any()
         assert torch.isfinite(blocks[scratch, 0]).all()
         untouched = [block for block in range(NUM_BLOCKS) if block not in held | {NULL_BLOCK, scratch}]
-        assert torch.isnan(blocks[untouched]).all()
+        assert blocks[untouched].isnan().all() if attention == "gather" else (blocks[untouched] == 1e4).all()
 
 
 def test_steps_with_prefill_chunks_stay_eager() -> None:
@@ -185,18 +193,20 @@ def test_a_failed_capture_leaves_decode_steps_eager(caplog: pytest.LogCaptureFix
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_captured_decode_graphs_match_the_eager_cuda_path_and_the_cpu() -> None:
+@pytest.mark.parametrize("attention", ["gather", "flex"])
+def test_captured_decode_graphs_match_the_eager_cuda_path_and_the_cpu(attention: DecodeAttention) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 on both sides, so the logits compare closely
     cpu_model = _model()
     cuda_model = copy.deepcopy(cpu_model).to("cuda")
     cpu = ModelRunner(cpu_model, _pool(cpu_model, "cpu"), torch.device("cpu"))
-    eager = ModelRunner(cuda_model, _pool(cuda_model, "cuda"), torch.device("cuda"))
-    graphs = DecodeGraphs(cuda_model, _pool(cuda_model, "cuda", scratch=True), max_batch=8)
-    captured = ModelRunner(cuda_model, graphs.cache, torch.device("cuda"), graphs=graphs)
+    eager_pool = _pool(cuda_model, "cuda", attention=attention)
+    eager = ModelRunner(cuda_model, eager_pool, torch.device("cuda"), decode_attention=attention)
+    cache = _pool(cuda_model, "cuda", scratch=True, attention=attention)
+    graphs = DecodeGraphs(cuda_model, cache, max_batch=8, decode_attention=attention)
+    captured = ModelRunner(cuda_model, graphs.cache, torch.device("cuda"), graphs=graphs, decode_attention=attention)
     _run_in_lockstep([cpu, eager, captured], graphs, atol=2e-4, rtol=1e-4)
     assert {(4, 4), (4, 8)} <= set(graphs.statics)
     assert all(static.graph is not None for static in graphs.statics.values())
-    cache = graphs.cache
     for pool in (*cache.keys, *cache.values):
         assert not pool.view(NUM_BLOCKS, BLOCK, -1)[NULL_BLOCK].any()
 

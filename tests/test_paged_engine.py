@@ -36,6 +36,7 @@ from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes
 from respserve.engine.model_runner import ModelRunner
 from respserve.engine.packed_linear import Bf16Linear, PackedLinear, can_pack, native_bf16, pack_linears
+from respserve.engine.paged_attention import DecodeAttention
 from respserve.engine.prefill_budget import SLOWDOWN, PrefillBudget
 from respserve.engine.scheduler import Scheduler
 from respserve.engine.sequence import Sequence
@@ -50,24 +51,27 @@ def _run_to_the_end(
     budget: int,
     device: str = "cpu",
     pack: bool = False,
-    kernels: bool = False,
+    attention: DecodeAttention = "gather",
 ) -> Scheduler:
     """Greedy-decodes `prompts` through the paged engine on `device`, checking each sampled position's
-    logits against a plain CPU forward of a copy of the model (its own attention, no cache) over the whole
-    sequence. `kernels`: with respserve's CPU kernels (bf16-kept weights where `pack`, decode attention)."""
+        logits against a plain CPU forward of a copy of the model (its own attention, no cache) over the whole
+        sequence. `attention`: how decode rows attend; "kernel" is with respserve's CPU kernels (bf16-kept weights
+    where `pack` too)."""
     pipeline = server.state.default_model.worker.pipeline
     reference = type(model)(copy.deepcopy(model.config)).eval()
     reference.load_state_dict(model.state_dict())
     block_size = 4
     model.to(device)
+    kernels = attention == "kernel"
     if pack:  # the CPU's load path: packed weights, sibling projections fused, norms fused with the kernels
         assert pack_linears(model, bf16_kernel=kernels) > 0
         if kernels:
             assert fuse_rms_norms(model) == 2 * 2 + 2 * 2 + 1  # per layer: 2 + q_norm and k_norm; the final one
-    cache = PagedKVCache(model.config, num_blocks, block_size, torch.float32, torch.device(device))
-    for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring
-        pool[block_size:].fill_(float("nan"))
-    runner = ModelRunner(model, cache, torch.device(device), decode_kernel=kernels)
+    flex = attention == "flex"
+    cache = PagedKVCache(model.config, num_blocks, block_size, torch.float32, torch.device(device), zeroed=flex)
+    for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring: garbage,
+        pool[block_size:].fill_(1e4 if flex else float("nan"))  # or a finished sequence's KV in a zeroed pool
+    runner = ModelRunner(model, cache, torch.device(device), decode_attention=attention)
     scheduler = Scheduler(BlockManager(num_blocks, block_size), max_running=8, max_prefill_tokens=budget)
     scheduler.prefill_budget = PrefillBudget(budget, idle_tokens=budget)  # chunks of `budget`, decoding or not
     for index, prompt in enumerate(prompts):
@@ -85,15 +89,17 @@ def _run_to_the_end(
     return scheduler
 
 
-@pytest.mark.parametrize("kernels", [False, pytest.param(True, marks=needs_kernels)], ids=["sdpa", "kernel"])
+@pytest.mark.parametrize("attention", ["gather", pytest.param("kernel", marks=needs_kernels), "flex"])
 @pytest.mark.parametrize("layers", [["full_attention"] * 2, ["sliding_attention", "full_attention"]])
-def test_chunked_paged_steps_match_a_plain_forward(server: RunningServer, layers: list[str], kernels: bool) -> None:
+def test_chunked_paged_steps_match_a_plain_forward(
+    server: RunningServer, layers: list[str], attention: DecodeAttention
+) -> None:
     tokenizer = server.state.default_model.worker.pipeline.tokenizer
     sliding = "sliding_attention" in layers
     model = tiny_qwen3(tokenizer, layer_types=layers, sliding_window=6, use_sliding_window=sliding)
     torch.manual_seed(1)
     prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (5, 13, 1, 30)]
-    _run_to_the_end(server, model, prompts, num_blocks=64, max_new=12, budget=7, kernels=kernels)
+    _run_to_the_end(server, model, prompts, num_blocks=64, max_new=12, budget=7, attention=attention)
 
 
 def test_packed_weights_and_fused_projections_match_a_plain_forward(server: RunningServer) -> None:
@@ -113,7 +119,7 @@ def test_bf16_kept_weights_match_a_plain_forward(server: RunningServer) -> None:
             parameter.copy_(parameter.to(torch.bfloat16).float())
     torch.manual_seed(6)
     prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (6, 17, 1, 40)]
-    _run_to_the_end(server, model, prompts, num_blocks=64, max_new=8, budget=7, pack=True, kernels=True)
+    _run_to_the_end(server, model, prompts, num_blocks=64, max_new=8, budget=7, pack=True, attention="kernel")
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj.fused.linear, Bf16Linear) and isinstance(model.lm_head, Bf16Linear)
 
@@ -151,12 +157,13 @@ def test_a_full_pool_preempts_and_recomputes_without_changing_a_logit(server: Ru
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_paged_cuda_steps_match_the_cpu_reference(server: RunningServer) -> None:
+@pytest.mark.parametrize("attention", ["gather", "flex"])
+def test_paged_cuda_steps_match_the_cpu_reference(server: RunningServer, attention: DecodeAttention) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 on both sides, so the logits compare closely
     model = tiny_qwen3(server.state.default_model.worker.pipeline.tokenizer)
     torch.manual_seed(3)
     prompts = [torch.randint(0, 1000, (length,)).tolist() for length in (7, 33, 2, 18)]
-    _run_to_the_end(server, model, prompts, num_blocks=20, max_new=24, budget=16, device="cuda")
+    _run_to_the_end(server, model, prompts, num_blocks=20, max_new=24, budget=16, device="cuda", attention=attention)
 
 
 def test_the_prefill_budget_keeps_a_mixed_step_within_its_slowdown_of_a_decode_step() -> None:

@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         help="replay CUDA decode steps as captured graphs (default: on)",
     )
     serve.add_argument(
+        "--decode-attention",
+        dest="decode_attention",
+        choices=["auto", "flex", "gather"],
+        help="how decode rows read the KV pool: auto (our CPU kernel, flex attention on CUDA), flex, gather",
+    )
+    serve.add_argument(
         "--cpu-kernels",
         dest="cpu_kernels",
         action=argparse.BooleanOptionalAction,

@@ -164,6 +164,10 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         default=True, description="On CUDA, replay decode steps as captured CUDA graphs (per batch and context bucket)."
     )
+    decode_attention: Literal["auto", "flex", "gather"] = Field(
+        default="auto",
+        description="How decode rows read the KV pool: auto (CPU kernel, or flex attention on CUDA), flex, gather.",
+    )
     cpu_kernels: bool = Field(
         default=True,
         description="On the CPU in float32, our kernels: bf16-exact weights kept as bf16, decode attention, RMSNorm.",

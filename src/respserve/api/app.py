@@ -56,6 +56,7 @@ def load_text_model(settings: Settings) -> ServedModel:
         max_prefill_tokens=settings.max_prefill_tokens,
         kv_cache_memory=settings.kv_cache_memory,
         cuda_graphs=settings.cuda_graphs,
+        decode_attention=settings.decode_attention,
         spare_a_core=not settings.image_model_specs,
     )
     worker = PipelineWorker(pipeline, limits, peers)

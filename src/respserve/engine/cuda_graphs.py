@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from respserve.engine.kv_cache import PagedKVCache
-from respserve.engine.paged_attention import StepLayout, padded_tables, read_slots, slot_of
+from respserve.engine.paged_attention import DecodeAttention, StepLayout, padded_tables, read_slots, slot_of
 
 if TYPE_CHECKING:
     from respserve.engine.model_runner import StepInputs
@@ -102,13 +102,21 @@ class _Static:
 class DecodeGraphs:
     """Runs pure decode steps through their (B, W) bucket: captured and replayed, or eagerly (`capture` off)."""
 
-    def __init__(self, model: Any, cache: PagedKVCache, max_batch: int, capture: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cache: PagedKVCache,
+        max_batch: int,
+        capture: bool = True,
+        decode_attention: DecodeAttention = "gather",
+    ) -> None:
         if cache.scratch_block is None:
             raise ValueError("static decode steps need a pool with a scratch block for their padded rows")
         self.model = model
         self.cache = cache
         self.buckets = batch_buckets(max_batch)
         self.capture = capture
+        self.decode_attention = decode_attention
         self.statics: dict[tuple[int, int], _Static] = {}
         self._pool: Any = None  # the graphs' shared memory pool, made at the first capture
         self._failed = False  # a capture failed: every step runs eagerly
@@ -156,7 +164,7 @@ class DecodeGraphs:
 
     def _forward(self, static: _Static) -> torch.Tensor:
         """One step over the static inputs: what a graph records and replays."""
-        layout = static_layout(static, self.cache.block_size)
+        layout = static_layout(static, self.cache.block_size, self.decode_attention)
         ids, positions = static.input_ids[None], static.positions[None]
         common = {"position_ids": positions, "cache": self.cache, "use_cache": True, "paged_step": layout}
         return self.model(input_ids=ids, **common, logits_to_keep=0).logits[0]  # every row samples
@@ -193,7 +201,7 @@ class DecodeGraphs:
         return True
 
 
-def static_layout(static: _Static, block_size: int) -> StepLayout:
+def static_layout(static: _Static, block_size: int, decode_attention: DecodeAttention = "gather") -> StepLayout:
     """The step layout over the static inputs; the slots each row reads are computed here, on the device,
     as `build_step_layout` computes them on the host: past a row's length, the zero block's first slot."""
     batch, width = static.block_tables.shape
@@ -202,5 +210,8 @@ def static_layout(static: _Static, block_size: int) -> StepLayout:
         single_rows=torch.arange(batch, device=static.block_tables.device),
         single_slots=read_slots(static.block_tables, static.lengths, block_size, width * block_size),
         single_lengths=static.lengths,
+        single_tables=static.block_tables,
         chunks=[],
+        block_size=block_size,
+        decode_attention=decode_attention,
     )

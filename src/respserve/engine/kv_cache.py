@@ -54,14 +54,17 @@ class PagedKVCache:
         device: torch.device,
         shards: int = 1,
         scratch: bool = False,
+        zeroed: bool = False,
     ) -> None:
         layers, kv_heads, head_dim = kv_shape(config, shards)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_block = num_blocks - 1 if scratch else None
         slots = num_blocks * block_size
-        # torch.empty: memory is only touched (and counted in RSS) as blocks are first used.
-        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        # torch.empty: memory is only touched (and counted in RSS) as blocks are first used. `zeroed` for an
+        # attention that weighs unwritten slots by 0 (flex_decode.py), which NaN garbage would poison.
+        make = torch.zeros if zeroed else torch.empty
+        self.keys = [make(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [make(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
         null = slice(NULL_BLOCK * block_size, (NULL_BLOCK + 1) * block_size)
         for pool in (*self.keys, *self.values):
             pool[null].zero_()

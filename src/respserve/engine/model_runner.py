@@ -35,7 +35,7 @@ import torch
 
 from respserve.engine.cuda_graphs import DecodeGraphs
 from respserve.engine.kv_cache import PagedKVCache
-from respserve.engine.paged_attention import ATTENTION_NAME, build_step_layout
+from respserve.engine.paged_attention import ATTENTION_NAME, DecodeAttention, build_step_layout
 from respserve.engine.scheduler import Chunk
 
 
@@ -83,10 +83,10 @@ class ModelRunner:
         device: torch.device,
         peers: StepSender | None = None,
         graphs: DecodeGraphs | None = None,
-        decode_kernel: bool = False,
+        decode_attention: DecodeAttention = "gather",
     ) -> None:
         self.model = model
-        self.decode_kernel = decode_kernel  # decode rows' attention through respserve's CPU kernel
+        self.decode_attention = decode_attention  # how decode rows attend (paged_attention.py)
         self.cache = cache
         self.device = device
         self.peers = peers  # tensor-parallel processes that run every step beside this one
@@ -106,7 +106,7 @@ class ModelRunner:
         if self.graphs is not None and (logits := self.graphs.run(step)) is not None:
             return logits
         layout = build_step_layout(
-            step.block_tables, step.spans, self.cache.block_size, self.device, step.image_spans, self.decode_kernel
+            step.block_tables, step.spans, self.cache.block_size, self.device, step.image_spans, self.decode_attention
         )
         input_ids = torch.tensor([step.input_ids], device=self.device)
         tokens: dict[str, Any] = {"input_ids": input_ids}

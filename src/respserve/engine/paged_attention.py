@@ -15,24 +15,49 @@ stays causal, and a sliding-window layer still drops keys older than its window.
 chunk inside a span (scheduler.py), so a span's keys are all in the pool by the time its queries need them.
 Decode rows never lie in a span, so the single-row path knows nothing of this.
 
-Gathering copies the KV a step reads, on top of reading it. On the CPU in float32 the single-query rows
-therefore go to respserve's kernel when it is loaded (`decode_kernel`; kernels/paged_attention.cpp), which
-reads each row's slots in place; elsewhere they are gathered and attended by SDPA. A kernel that reads
-block tables in place (FlashInfer, flash-attn's `block_table`) would do the same on CUDA.
+Gathering copies the KV a step reads, on top of reading it, so the single-query rows have three ways
+(`decode_attention`): "kernel", respserve's CPU kernel (float32, kernels/paged_attention.cpp), and "flex",
+torch's flex attention (flex_decode.py, the default on CUDA), both reading each row's slots in place; and
+"gather", the slots gathered and attended by SDPA, which runs anywhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
 
 from respserve.engine.block_manager import NULL_BLOCK
+from respserve.engine.flex_decode import decode_block_mask, flex_decode_attention, flex_decode_works, pad_rows
 
 ATTENTION_NAME = "respserve_paged"
+
+DecodeAttention = Literal["gather", "kernel", "flex"]  # how single-query rows attend (see the docstring)
+
+
+def pick_decode_attention(
+    setting: str, device: torch.device, dtype: torch.dtype, cpu_kernel: bool, text_config: Any, shards: int = 1
+) -> DecodeAttention:
+    """`--decode-attention`: "auto" is respserve's CPU kernel when it is loaded, flex attention on CUDA
+    (one process) when it runs there, else gathering; "flex" and "gather" ask for those. A "flex" that does
+    not run on this device is an error at start rather than a server that fails its first decode step."""
+    if setting == "gather":
+        return "gather"
+    if setting == "auto" and cpu_kernel:
+        return "kernel"
+    if setting == "auto" and (device.type != "cuda" or shards > 1):
+        return "gather"
+    heads = int(text_config.num_attention_heads)
+    kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+    if flex_decode_works(device, dtype, heads // shards, kv_heads // shards, head_dim):
+        return "flex"
+    if setting == "flex":
+        raise RuntimeError(f"--decode-attention flex was asked for, but flex attention does not run on {device}")
+    return "gather"
 
 
 @dataclass
@@ -60,9 +85,12 @@ class StepLayout:
     single_rows: torch.Tensor  # [rows] flat indices of single-query rows
     single_slots: torch.Tensor  # [rows, longest] slots each row reads, NULL-padded
     single_lengths: torch.Tensor  # [rows] how many of those are real
+    single_tables: torch.Tensor  # [rows, blocks] their block tables, NULL-padded
     chunks: list[PrefillChunk]
-    decode_kernel: bool = False  # single-query rows through respserve's CPU kernel (cpu_kernels.py)
+    block_size: int
+    decode_attention: DecodeAttention = "gather"
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _flex_masks: dict[int | None, Any] = field(default_factory=dict)
 
     def single_mask(self, sliding_window: int | None) -> torch.Tensor:
         """[rows, 1, 1, longest] True where a row may attend."""
@@ -77,6 +105,15 @@ class StepLayout:
             self._masks[sliding_window] = mask
         return mask
 
+    def flex_mask(self, sliding_window: int | None, num_blocks: int) -> Any:
+        """The rows' flex block mask over a pool of `num_blocks` blocks, rows padded (flex_decode.py)."""
+        mask = self._flex_masks.get(sliding_window)
+        if mask is None:
+            tables, lengths = pad_rows(self.single_tables, self.single_lengths)
+            mask = decode_block_mask(tables, lengths, self.block_size, num_blocks, sliding_window)
+            self._flex_masks[sliding_window] = mask
+        return mask
+
 
 def build_step_layout(
     block_tables: list[list[int]],
@@ -84,7 +121,7 @@ def build_step_layout(
     block_size: int,
     device: torch.device,
     image_spans: list[list[tuple[int, int]]] | None = None,
-    decode_kernel: bool = False,
+    decode_attention: DecodeAttention = "gather",
 ) -> StepLayout:
     """`spans[i]` = positions [start, end) of sequence i computed this step, its blocks `block_tables[i]`;
     `image_spans[i]`: the spans of sequence i attended both ways that overlap its chunk (None: none at all)."""
@@ -111,14 +148,16 @@ def build_step_layout(
         flat += end - start
     longest = max(row_lengths, default=0)
     lengths = torch.tensor(row_lengths, dtype=torch.long)
-    single_slots = read_slots(padded_tables(row_tables, -(-longest // block_size)), lengths, block_size, longest)
+    tables = padded_tables(row_tables, -(-longest // block_size))
     return StepLayout(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
         single_rows=torch.tensor(rows, dtype=torch.long, device=device),
-        single_slots=single_slots.to(device),
+        single_slots=read_slots(tables, lengths, block_size, longest).to(device),
         single_lengths=lengths.to(device),
+        single_tables=tables.to(device),
         chunks=chunks,
-        decode_kernel=decode_kernel,
+        block_size=block_size,
+        decode_attention=decode_attention,
     )
 
 
@@ -197,11 +236,14 @@ def _attend_single_rows(
     """The single-query rows, in one batched call over their gathered slots: [rows, heads, head_dim]."""
     whole_step = step.single_slots.shape[0] == query.shape[2]  # the rows are the step's tokens, in order
     queries = (query[0] if whole_step else query[0, :, step.single_rows, :]).transpose(0, 1)  # [rows, heads, D]
-    if step.decode_kernel:  # reads the pool in place
+    if step.decode_attention == "kernel":  # reads the pool in place
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         window = sliding_window or 0
         kernel = torch.ops.respserve.paged_decode_attention
         return kernel(queries.contiguous(), key, value, step.single_slots, step.single_lengths, scale, window)
+    if step.decode_attention == "flex":  # reads the pool in place too
+        mask = step.flex_mask(sliding_window, key.shape[0] // step.block_size)
+        return flex_decode_attention(queries, key, value, mask, scaling)
     count, longest = step.single_slots.shape
     kv_heads, head_dim = key.shape[1], key.shape[2]
     flat_slots = step.single_slots.reshape(-1)

@@ -27,6 +27,7 @@ from respserve.engine.cuda_graphs import DecodeGraphs, graphs_apply
 from respserve.engine.generation import GenerationOutput, GenerationRequest, GenerationStatus
 from respserve.engine.kv_cache import PagedKVCache, kv_budget_bytes, kv_bytes_per_token
 from respserve.engine.model_runner import ModelRunner
+from respserve.engine.paged_attention import pick_decode_attention
 from respserve.engine.sampler import Sample, Sampler
 from respserve.engine.scheduler import Chunk, Scheduler
 from respserve.engine.sequence import Sequence
@@ -46,6 +47,7 @@ class WorkerLimits:
     kv_cache_memory: str = "auto"  # the KV pool's size (kv_cache.kv_budget_bytes)
     block_size: int = 16  # token slots per KV block
     cuda_graphs: bool = True  # on CUDA, decode steps replayed as captured graphs (cuda_graphs.py)
+    decode_attention: str = "auto"  # auto, flex or gather (paged_attention.pick_decode_attention)
     # Small steps leave a core free (cpu_threads.py). torch's thread count is the whole process's, so not
     # when image pipelines run in the same process.
     spare_a_core: bool = True
@@ -64,19 +66,32 @@ class PipelineWorker(WorkerThread[GenerationRequest]):
         block_bytes = kv_bytes_per_token(config, dtype, shards) * size
         num_blocks = kv_budget_bytes(self.limits.kv_cache_memory, pipeline.device) // block_bytes
         graphs = graphs_apply(self.limits.cuda_graphs, pipeline.device, shards)
-        self.kv_cache = PagedKVCache(config, num_blocks, size, dtype, pipeline.device, shards, scratch=graphs)
+        attention = pick_decode_attention(
+            self.limits.decode_attention, pipeline.device, dtype, pipeline.cpu_kernels, config, shards
+        )
+        self.kv_cache = PagedKVCache(
+            config, num_blocks, size, dtype, pipeline.device, shards, scratch=graphs, zeroed=attention == "flex"
+        )
         self._peers = peers
         if peers is not None:
             peers.share_pool_size(num_blocks, size)
-        decode_graphs = DecodeGraphs(pipeline.model, self.kv_cache, self.limits.max_running) if graphs else None
-        self._runner = ModelRunner(
-            pipeline.model, self.kv_cache, pipeline.device, peers, decode_graphs, decode_kernel=pipeline.cpu_kernels
+        decode_graphs = (
+            DecodeGraphs(pipeline.model, self.kv_cache, self.limits.max_running, decode_attention=attention)
+            if graphs
+            else None
         )
+        self._runner = ModelRunner(pipeline.model, self.kv_cache, pipeline.device, peers, decode_graphs, attention)
         self._threads = CpuThreads(pipeline.device, spare_a_core=self.limits.spare_a_core and peers is None)
         self.scheduler = self._new_scheduler()
         # A prompt must leave room in the pool for at least one output token.
         pipeline.context_length = min(pipeline.context_length, (self.kv_cache.managed_blocks - 1) * size - 1)
-        logger.info("KV cache: %d blocks of %d tokens, %.2f GiB", num_blocks, size, self.kv_cache.num_bytes / 2**30)
+        logger.info(
+            "KV cache: %d blocks of %d tokens, %.2f GiB; decode attention: %s",
+            num_blocks,
+            size,
+            self.kv_cache.num_bytes / 2**30,
+            attention,
+        )
         self.restarts = 0
 
     def stop(self, timeout: float = 5.0) -> None:
