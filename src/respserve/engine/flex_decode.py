@@ -2,10 +2,14 @@
 
 Gathering a step's KV for SDPA (paged_attention.py) copies it: read, written, read again. Flex attention
 reads the pool where it lies: a layer's pool is one long key sequence [1, kv_heads, slots, head_dim] that
-every row shares, and each row's block mask lists the pool blocks it reads (its block table), at the
-pool's block size. Blocks wholly inside a row's context are "full" (no mask evaluated there); its last
-block, and under a sliding window its first, are "partial": there `mask_mod` turns a pool slot back into a
-position through the row's table and keeps positions in [length - window, length).
+every row shares, and each row's block mask lists the pool blocks it reads (its block table, from the
+first block its window reaches), at the pool's block size. `mask_mod` cuts only the ends: slots of its last
+block past its length, and under a sliding window slots of its first block before the window.
+
+Every listed block is "partial" (mask_mod evaluated), none "full": with full blocks torch's Triton
+decoding template splits the whole pool's length, not a row's blocks, among its split-KV programs, so one
+program per KV head would read a row's whole context; with partial blocks only, a row's blocks are split
+among them (up to 2 x SMs / (rows x KV heads)), which is what keeps a few long rows from idling the GPU.
 
 A masked slot still enters the weighted sum with weight 0, and 0 x NaN is NaN: the slots a partial block
 has not written yet must hold numbers, so a pool read this way is zeroed when it is made (kv_cache.py).
@@ -62,25 +66,27 @@ def decode_block_mask(
         return tables.gather(1, logical.clamp(max=width - 1)).to(torch.int32)
 
     # inductor's CPU flex wants as many index columns as the key sequence has blocks: the whole pool.
-    partial = torch.zeros(rows, num_blocks, dtype=torch.int32, device=device)
-    partial[:, :2] = table_at(torch.stack([first, last], dim=1))
-    partial_count = 1 + (first != last).to(torch.int32)
-    full = torch.zeros(rows, num_blocks, dtype=torch.int32, device=device)
-    inner = min(width, num_blocks)
-    full[:, :inner] = table_at(first[:, None] + 1 + torch.arange(inner, device=device))
-    full_count = (last - first - 1).clamp(min=0).to(torch.int32)
-    last_block = table_at(last[:, None])[:, 0].long()
+    indices = torch.zeros(rows, num_blocks, dtype=torch.int32, device=device)
+    listed = min(width, num_blocks)
+    indices[:, :listed] = table_at(first[:, None] + torch.arange(listed, device=device))
+    count = (last - first + 1).to(torch.int32)
+    first_block, last_block = table_at(first[:, None])[:, 0], table_at(last[:, None])[:, 0]
+    starts, ends = low - first * block_size, lengths - last * block_size  # kept offsets in those two blocks
 
     def mask_mod(row: torch.Tensor, head: torch.Tensor, query: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        logical = torch.where(slot // block_size == last_block[row], last[row], first[row])
-        position = logical * block_size + slot % block_size
-        return (position < lengths[row]) & (position >= low[row])
+        block, offset = slot // block_size, slot % block_size
+        before_end = (block != last_block[row]) | (offset < ends[row])
+        in_window = (block != first_block[row]) | (offset >= starts[row])
+        return before_end & in_window
 
+    full_count = full_indices = None
+    if device.type == "cpu":  # inductor's CPU template does not build without full blocks: an empty set
+        full_count, full_indices = torch.zeros_like(count)[:, None, None], torch.zeros_like(indices)[:, None, None]
     return BlockMask.from_kv_blocks(
-        partial_count[:, None, None],
-        partial[:, None, None],
-        full_count[:, None, None],
-        full[:, None, None],
+        count[:, None, None],
+        indices[:, None, None],
+        full_count,
+        full_indices,
         BLOCK_SIZE=(1, block_size),
         mask_mod=mask_mod,
         seq_lengths=(1, num_blocks * block_size),
