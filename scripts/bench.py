@@ -19,6 +19,8 @@ here is reported unavailable, with the reason, and the run goes on.
     python scripts/bench.py                                 # the embedded SmolLM2, CPU, all three servers
     python scripts/bench.py --peers respserve,vllm --concurrency 1 8 --requests-per-client 2
     python scripts/bench.py --random-init llama-1b          # a Llama-3.2-1B-shaped model, random weights (GPU)
+    python scripts/bench.py --random-init llama-1b --concurrency 64 --prompt-tokens 128 --max-output-tokens 256 \
+        --ban-eos --peers respserve,transformers --tokenizer FOLDER   # the GPU run of issue 13 (scripts/gpu_check.sh)
     python scripts/bench.py --peers respserve --temperature 1 --ban-eos   # sampled answers of full length
 """
 
@@ -31,7 +33,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,6 +66,17 @@ RANDOM_SHAPES = {
         max_position_embeddings=8192,
         tie_word_embeddings=True,
     ),
+    # Small enough to travel to a GPU machine beside the tests (scripts/gpu_check.sh): 6 MB in bf16.
+    "micro": dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
     # A small shape to check the random-init path on a CPU.
     "tiny": dict(
         hidden_size=256,
@@ -82,6 +97,7 @@ class RequestResult:
     latency: float
     output_tokens: int
     inter_token: list[float] = field(default_factory=list)
+    input_tokens: int = 0  # as the server's usage counts them (chat template included); 0 if not reported
 
 
 @dataclass
@@ -96,6 +112,7 @@ class RunResult:
     itl_p50: float
     itl_p99: float
     health_p99_ms: float | None = None
+    input_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -138,10 +155,11 @@ async def stream_one(
     body = {"model": model, "input": prompt, "temperature": 0, "max_output_tokens": max_tokens, **(sampling or {})}
     started, arrivals, final = await stream_response(client, body)
     finished = time.perf_counter()
-    output_tokens = (final.get("usage") or {}).get("output_tokens") or len(arrivals)
+    usage = final.get("usage") or {}
+    output_tokens = usage.get("output_tokens") or len(arrivals)
     ttft = (arrivals[0] if arrivals else finished) - started
     gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
-    return RequestResult(ttft=ttft, latency=finished - started, output_tokens=output_tokens, inter_token=gaps)
+    return RequestResult(ttft, finished - started, output_tokens, gaps, usage.get("input_tokens") or 0)
 
 
 async def probe_health(client: httpx.AsyncClient, stop: asyncio.Event, latencies: list[float]) -> None:
@@ -160,14 +178,16 @@ async def run_load(
     per_client: int,
     max_tokens: int,
     sampling: dict | None = None,
+    prompts: list[str] | None = None,
 ) -> RunResult:
-    """`sampling`: more body fields (temperature, logit_bias) over greedy decoding."""
+    """`sampling`: more body fields (temperature, logit_bias) over greedy decoding; `prompts`: PROMPTS."""
+    prompts = prompts or PROMPTS
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=1800, limits=limits) as client:
 
         async def one_client(index: int) -> list[RequestResult]:
-            prompts = [PROMPTS[(index + k) % len(PROMPTS)] for k in range(per_client)]
-            return [await stream_one(client, model, prompt, max_tokens, sampling) for prompt in prompts]
+            own = [prompts[(index + k) % len(prompts)] for k in range(per_client)]
+            return [await stream_one(client, model, prompt, max_tokens, sampling) for prompt in own]
 
         stop, health = asyncio.Event(), []
         prober = asyncio.create_task(probe_health(client, stop, health))
@@ -184,6 +204,7 @@ async def run_load(
         requests=len(results),
         wall_s=wall,
         output_tokens=sum(result.output_tokens for result in results),
+        input_tokens=sum(result.input_tokens for result in results),
         ttft_p50=percentile([r.ttft for r in results], 50),
         ttft_p99=percentile([r.ttft for r in results], 99),
         itl_p50=percentile(gaps, 50),
@@ -192,8 +213,9 @@ async def run_load(
     )
 
 
-def build_random_model(shape: str, folder: Path, dtype: str) -> Path:
-    """A Llama-shaped model with random weights (speed does not depend on their values)."""
+def build_random_model(shape: str, folder: Path, dtype: str, tokenizer: Path | None = None) -> Path:
+    """A Llama-shaped model with random weights (speed does not depend on their values), with the tokenizer
+    and chat template of `tokenizer` (a folder; default: the embedded SmolLM2's)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -206,8 +228,8 @@ def build_random_model(shape: str, folder: Path, dtype: str) -> Path:
         model = LlamaForCausalLM(config).to(getattr(torch, dtype)).eval()
     model.save_pretrained(folder)
     # The embedded model's tokenizer and chat template: ids past its vocabulary decode to nothing.
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(EMBEDDED_MODEL, Settings().cache_dir).path)
-    tokenizer.save_pretrained(folder)
+    source = tokenizer or resolve_model_source(EMBEDDED_MODEL, Settings().cache_dir).path
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
     return folder
 
 
@@ -230,6 +252,31 @@ def hbm_copy_bandwidth() -> float:
 
 def weight_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def kv_bytes_per_token(folder: Path, dtype: str) -> int:
+    """Keys and values of one token over every layer: 2 x layers x kv_heads x head_dim x dtype size."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder).get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * size
+
+
+def sized_prompts(folder: Path, tokens: int) -> list[str]:
+    """PROMPTS, each repeated and cut to `tokens` tokens of `folder`'s tokenizer (before the chat template)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    sized = []
+    for prompt in PROMPTS:
+        ids = tokenizer((prompt + " ") * tokens, add_special_tokens=False)["input_ids"][:tokens]
+        sized.append(tokenizer.decode(ids))
+    return sized
 
 
 def ratio(ours: float, theirs: float) -> float | None:
@@ -316,8 +363,11 @@ def plot(results: list[RunResult], path: Path, caption: str) -> None:
     print(f"wrote {path}")
 
 
-def warm_up(name: str, port: int, model: str) -> None:
-    asyncio.run(run_load(f"http://127.0.0.1:{port}", name, model, 1, 1, 16))
+def warm_up(name: str, port: int, model: str, concurrency: int) -> None:
+    """One short request, then `concurrency` at once: what a server compiles or captures per batch size
+    (CUDA graphs, flex attention's kernels) is done before it is measured."""
+    for streams in dict.fromkeys((1, concurrency)):
+        asyncio.run(run_load(f"http://127.0.0.1:{port}", name, model, streams, 1, 16))
 
 
 def measure_server(
@@ -328,9 +378,10 @@ def measure_server(
     sampling = sampling_fields(args)
     results = []
     for concurrency in levels or args.concurrency:
-        result = asyncio.run(
-            run_load(base_url, name, model, concurrency, args.requests_per_client, args.max_output_tokens, sampling)
+        load = run_load(
+            base_url, name, model, concurrency, args.requests_per_client, args.max_output_tokens, sampling, args.prompts
         )
+        result = asyncio.run(load)
         results.append(result)
         print(f"  {name} concurrency {concurrency}: {result.tokens_per_s:.1f} output tokens/s", flush=True)
     return results
@@ -483,6 +534,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-output-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, help="prompts cut to this many tokens (default: the short ones)")
+    parser.add_argument("--tokenizer", type=Path, help="--random-init: a folder whose tokenizer it takes")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", help="for every server; auto: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument(
@@ -499,6 +552,9 @@ def main() -> None:
         "--rounds", type=int, help="CPU: rounds over all servers, up at once (default 3); GPU: 1, one at a time"
     )
     args = parser.parse_args()
+    # A SIGTERM (`timeout`, a CI cancel) unwinds like Ctrl-C, so the servers started below are stopped too:
+    # they run in sessions of their own and would outlive this process, holding their ports and memory.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     import torch
 
@@ -510,7 +566,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="respserve-bench-"))
     if args.random_init:
-        folder = build_random_model(args.random_init, workdir / args.random_init, dtype)
+        folder = build_random_model(args.random_init, workdir / args.random_init, dtype, args.tokenizer)
     elif args.model:
         folder = Path(args.model)
     else:
@@ -520,9 +576,12 @@ def main() -> None:
         folder = Path(resolve_model_source(EMBEDDED_MODEL, cache_dir).path)
 
     args.model_folder = folder
+    args.prompts = sized_prompts(folder, args.prompt_tokens) if args.prompt_tokens else None
     decoding = f"temperature {args.temperature}" if args.temperature else "greedy"
     decoding += ", EOS banned" if args.ban_eos else ""
-    caption = f"{folder.name}, {device} {dtype}, {args.max_output_tokens} output tokens {decoding}, POST /v1/responses"
+    prompt_size = f"{args.prompt_tokens}-token prompts, " if args.prompt_tokens else ""
+    caption = f"{folder.name}, {device} {dtype}, {prompt_size}{args.max_output_tokens} output tokens {decoding}"
+    caption += ", POST /v1/responses"
     print(f"model {folder} on {device} ({dtype}); {args.max_output_tokens} output tokens, {decoding}")
     results: list[RunResult] = []
     ratios: list[dict[str, object]] = []
@@ -543,7 +602,7 @@ def main() -> None:
                 if server is None:
                     continue
                 try:
-                    warm_up(name, port, str(folder))
+                    warm_up(name, port, str(folder), max(args.concurrency))
                     if args.rounds == 1:  # one at a time: measured, then stopped before the next one starts
                         results += measure_server(name, port, str(folder), args)
                         continue
@@ -583,14 +642,21 @@ def main() -> None:
     }
     if device == "cuda":
         bandwidth = hbm_copy_bandwidth()
-        size = weight_bytes(folder)
+        size, per_token = weight_bytes(folder), kv_bytes_per_token(folder, dtype)
         print(f"\nHBM copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights {size / 1e9:.2f} GB")
+        summary |= {"hbm_bandwidth": bandwidth, "weight_bytes": size, "kv_bytes_per_token": per_token, "roofline": {}}
         for r in (r for r in results if r.server == "respserve"):
+            # A decode step reads the weights and every running row's context, on average its prompt and
+            # half its output.
+            context = (r.input_tokens + r.output_tokens / 2) / r.requests
+            step_bytes = size + r.concurrency * context * per_token
             steps_per_s = 1 / r.itl_p50
-            fraction = steps_per_s * size / bandwidth
-            print(f"  concurrency {r.concurrency}: {steps_per_s:.0f} decode steps/s = {fraction:.0%} of the roofline")
-        summary["hbm_bandwidth"] = bandwidth
-        summary["weight_bytes"] = size
+            fraction = steps_per_s * step_bytes / bandwidth
+            print(
+                f"  concurrency {r.concurrency}: {step_bytes / 1e9:.2f} GB per decode step (mean context"
+                f" {context:.0f} tokens), {steps_per_s:.0f} steps/s = {fraction:.0%} of the roofline"
+            )
+            summary["roofline"][str(r.concurrency)] = {"step_bytes": step_bytes, "fraction": fraction}
     (args.out / "bench.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {args.out / 'bench.json'}")
     if unavailable:

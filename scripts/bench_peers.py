@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,10 @@ class ServerProcess:
         self.start_s = 0.0
 
     def __enter__(self) -> ServerProcess:
+        # A server left over from an earlier run would answer the health checks in this one's place.
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                raise RuntimeError(f"port {self.port} is already taken by another server")
         handle = self.log.open("wb")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
         started = time.monotonic()

@@ -18,7 +18,13 @@ from transformers import Qwen3Config
 from respserve.cli import _parser
 from respserve.config import load_settings
 from respserve.engine.block_manager import NULL_BLOCK
-from respserve.engine.flex_decode import flex_decode_works, pad_rows, padded_rows
+from respserve.engine.flex_decode import (
+    decode_block_mask,
+    flex_decode_attention,
+    flex_decode_works,
+    pad_rows,
+    padded_rows,
+)
 from respserve.engine.kv_cache import PagedKVCache
 from respserve.engine.paged_attention import build_step_layout, paged_attention, pick_decode_attention
 
@@ -44,6 +50,25 @@ def test_flex_attends_as_gathering_and_sdpa_do(heads: int, kv_heads: int, window
     gathered = _attend("gather", query, pool, (tables, spans, block_size), window)
     flex = _attend("flex", query, pool, (tables, spans, block_size), window)
     torch.testing.assert_close(flex, gathered, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("full_blocks", [True, False], ids=["cpu-layout", "cuda-layout"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_both_mask_layouts_attend_as_gathering_and_sdpa_do(full_blocks: bool, window: int | None) -> None:
+    # The CPU lists a row's inner blocks as full, CUDA lists every block as partial: the same attention.
+    lengths = [1, 7, 16, 33, 4]
+    pool, tables, spans, block_size = decode_step(lengths, kv_heads=2, garbage=STALE)
+    query = torch.randn(1, 4, len(lengths), 16)
+    gathered = _attend("gather", query, pool, (tables, spans, block_size), window)
+    width = max(len(table) for table in tables)
+    padded = torch.tensor([table + [NULL_BLOCK] * (width - len(table)) for table in tables])
+    padded, padded_lengths = pad_rows(padded, torch.tensor(lengths))
+    num_blocks = pool[0].shape[0] // block_size
+    mask = decode_block_mask(padded, padded_lengths, block_size, num_blocks, window, full_blocks=full_blocks)
+    assert (mask.full_kv_num_blocks is not None) == full_blocks
+    with torch.inference_mode():
+        flex = flex_decode_attention(query[0].transpose(0, 1), pool[0], pool[1], mask, 0.3)
+    torch.testing.assert_close(flex, gathered[0], atol=2e-6, rtol=1e-5)
 
 
 def test_a_decode_row_beside_a_prefill_chunk_goes_through_flex() -> None:

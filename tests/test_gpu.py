@@ -1,5 +1,6 @@
 """The CUDA path of the text worker: the model in bf16 on the GPU, eight requests decoded as one batch.
-Marked `gpu`; skipped where torch sees no CUDA device."""
+Marked `gpu`; skipped where torch sees no CUDA device. The model is the configured one (RESPSERVE_MODEL,
+else the embedded SmolLM2), so scripts/gpu_check.sh can run it with a small one that travels."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from respserve.config import load_settings
 from respserve.engine.generation import GenerationRequest, SamplingParams
 from respserve.engine.model_source import resolve_model_source
 from respserve.engine.text_pipeline import TextPipeline
@@ -30,7 +32,7 @@ async def _generate(worker: PipelineWorker, prompts: list[list[int]]) -> list[li
 
 
 def test_cuda_worker_decodes_a_batch_in_bf16() -> None:
-    source = resolve_model_source("smollm2", Path(tempfile.gettempdir()) / "respserve-gpu-test")
+    source = resolve_model_source(load_settings().model, Path(tempfile.gettempdir()) / "respserve-gpu-test")
     pipeline = TextPipeline.load(source, device="cuda")
     assert pipeline.device.type == "cuda" and next(pipeline.model.parameters()).dtype == torch.bfloat16
     worker = PipelineWorker(pipeline)

@@ -6,10 +6,12 @@ every row shares, and each row's block mask lists the pool blocks it reads (its 
 first block its window reaches), at the pool's block size. `mask_mod` cuts only the ends: slots of its last
 block past its length, and under a sliding window slots of its first block before the window.
 
-Every listed block is "partial" (mask_mod evaluated), none "full": with full blocks torch's Triton
-decoding template splits the whole pool's length, not a row's blocks, among its split-KV programs, so one
-program per KV head would read a row's whole context; with partial blocks only, a row's blocks are split
-among them (up to 2 x SMs / (rows x KV heads)), which is what keeps a few long rows from idling the GPU.
+On CUDA every listed block is "partial" (mask_mod evaluated), none "full": with full blocks torch's
+Triton decoding template splits the whole pool's length, not a row's blocks, among its split-KV programs,
+so one program per KV head would read a row's whole context; with partial blocks only, a row's blocks are
+split among them (up to 2 x SMs / (rows x KV heads)), which is what keeps a few long rows from idling the
+GPU. This follows from the template's source; it is not measured. The CPU lists full blocks (see
+`decode_block_mask`).
 
 A masked slot still enters the weighted sum with weight 0, and 0 x NaN is NaN: the slots a partial block
 has not written yet must hold numbers, so a pool read this way is zeroed when it is made (kv_cache.py).
@@ -17,7 +19,9 @@ has not written yet must hold numbers, so a pool read this way is zeroed when it
 The kernel is compiled (inductor: Triton on CUDA, C++ on the CPU) once per row count, static shapes only
 (inductor's CPU flex template fails to build with a symbolic batch): rows are padded to a power of two
 (padding rows read one slot of the zero block), so at most log2(max running) + 1 compiles per kind of
-layer, all of them before any CUDA graph is captured over them (its warm-up runs compile).
+layer, all of them before any CUDA graph is captured over them (its warm-up runs compile). Dynamo also
+compiles anew for another query layout (so the query is made contiguous), grad mode (so the start-time
+check runs in inference mode, as steps do) or, on the CPU, thread count (cpu_threads.py switches it).
 
 `flex_decode_works` runs it once on the device against gather + SDPA at start; the worker uses it only
 if it compiles and agrees, so a torch or driver on which it fails costs a warning, not the server.
@@ -52,11 +56,23 @@ def padded_rows(rows: int) -> int:
 
 
 def decode_block_mask(
-    tables: torch.Tensor, lengths: torch.Tensor, block_size: int, num_blocks: int, window: int | None
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+    block_size: int,
+    num_blocks: int,
+    window: int | None,
+    full_blocks: bool | None = None,
 ) -> BlockMask:
     """The block mask of rows whose tables are `tables` [rows, width] (NULL past a table's end) and whose
     contexts are `lengths` [rows] tokens, over a pool of `num_blocks` blocks. Tensor ops only, on the
-    tables' device: a CUDA graph captures it with the step."""
+    tables' device: a CUDA graph captures it with the step.
+
+    `full_blocks` (default: on the CPU): a row's blocks between its first and last are listed as full, the
+    two ends as partial; else all as partial (CUDA, see the module's docstring). Inductor's CPU template
+    does not build without full blocks, and with a row's blocks all partial it takes ~100x longer as soon
+    as rows differ in length (measured: 0.5 s against 5 ms for 64 rows over 65,536 blocks)."""
+    if full_blocks is None:
+        full_blocks = tables.device.type == "cpu"
     rows, width = tables.shape
     device = tables.device
     low = (lengths - window).clamp(min=0) if window else torch.zeros_like(lengths)
@@ -65,28 +81,31 @@ def decode_block_mask(
     def table_at(logical: torch.Tensor) -> torch.Tensor:
         return tables.gather(1, logical.clamp(max=width - 1)).to(torch.int32)
 
-    # inductor's CPU flex wants as many index columns as the key sequence has blocks: the whole pool.
-    indices = torch.zeros(rows, num_blocks, dtype=torch.int32, device=device)
-    listed = min(width, num_blocks)
-    indices[:, :listed] = table_at(first[:, None] + torch.arange(listed, device=device))
-    count = (last - first + 1).to(torch.int32)
+    def listing(logical: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`count` [rows] blocks of each table from the logical ones `logical` [rows, n] onwards, as
+        from_kv_blocks takes them. inductor's CPU flex wants as many index columns as the pool has blocks."""
+        indices = torch.zeros(rows, num_blocks, dtype=torch.int32, device=device)
+        listed = min(logical.shape[1], num_blocks)
+        indices[:, :listed] = table_at(logical[:, :listed])
+        return count.to(torch.int32)[:, None, None], indices[:, None, None]
+
+    if full_blocks:
+        ends = listing(torch.stack([first, last], dim=1), 1 + (first != last).to(torch.int32))
+        inner = listing(first[:, None] + 1 + torch.arange(width, device=device), (last - first - 1).clamp(min=0))
+    else:
+        ends, inner = listing(first[:, None] + torch.arange(width, device=device), last - first + 1), (None, None)
     first_block, last_block = table_at(first[:, None])[:, 0], table_at(last[:, None])[:, 0]
-    starts, ends = low - first * block_size, lengths - last * block_size  # kept offsets in those two blocks
+    starts, stops = low - first * block_size, lengths - last * block_size  # kept offsets in those two blocks
 
     def mask_mod(row: torch.Tensor, head: torch.Tensor, query: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         block, offset = slot // block_size, slot % block_size
-        before_end = (block != last_block[row]) | (offset < ends[row])
+        before_end = (block != last_block[row]) | (offset < stops[row])
         in_window = (block != first_block[row]) | (offset >= starts[row])
         return before_end & in_window
 
-    full_count = full_indices = None
-    if device.type == "cpu":  # inductor's CPU template does not build without full blocks: an empty set
-        full_count, full_indices = torch.zeros_like(count)[:, None, None], torch.zeros_like(indices)[:, None, None]
     return BlockMask.from_kv_blocks(
-        count[:, None, None],
-        indices[:, None, None],
-        full_count,
-        full_indices,
+        *ends,
+        *inner,
         BLOCK_SIZE=(1, block_size),
         mask_mod=mask_mod,
         seq_lengths=(1, num_blocks * block_size),
@@ -111,7 +130,8 @@ def flex_decode_attention(
     `decode_block_mask` over padded rows. Returns [rows, heads, head_dim]."""
     rows = queries.shape[0]
     padded = mask.kv_num_blocks.shape[0]
-    query = F.pad(queries, (0, 0, 0, 0, 0, padded - rows))[:, :, None, :]
+    # Contiguous whatever the caller's layout: dynamo guards on strides, and each layout would compile anew.
+    query = F.pad(queries, (0, 0, 0, 0, 0, padded - rows)).contiguous()[:, :, None, :]
     keys, values = key.permute(1, 0, 2)[None], value.permute(1, 0, 2)[None]  # one sequence every row reads
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
         out = _compiled()(query, keys, values, block_mask=mask, scale=scale, enable_gqa=True)
@@ -137,10 +157,12 @@ def flex_decode_works(device: torch.device, dtype: torch.dtype, heads: int, kv_h
         attended = F.scaled_dot_product_attention(queries[row][None, :, None], keys, values, enable_gqa=True)
         expected.append(attended[0, :, 0])
     try:
-        padded_tables, padded_lengths = pad_rows(tables.to(device), lengths.to(device))
-        mask = decode_block_mask(padded_tables, padded_lengths, block_size, num_blocks, None)
-        key, value = (part.to(device, dtype) for part in pool)
-        got = flex_decode_attention(queries.to(device, dtype), key, value, mask, head_dim**-0.5).float().cpu()
+        with torch.inference_mode():  # as steps run (model_runner.py): grad mode is part of what compiles
+            padded_tables, padded_lengths = pad_rows(tables.to(device), lengths.to(device))
+            mask = decode_block_mask(padded_tables, padded_lengths, block_size, num_blocks, None)
+            key, value = (part.to(device, dtype) for part in pool)
+            queries = queries.to(device, dtype)
+            got = flex_decode_attention(queries, key, value, mask, head_dim**-0.5).float().cpu()
     except Exception:  # noqa: BLE001 - any failure means: gather for SDPA instead
         logger.warning("flex attention does not run here; decode rows are gathered for SDPA", exc_info=True)
         return False
