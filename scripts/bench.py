@@ -254,19 +254,6 @@ def weight_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def kv_bytes_per_token(folder: Path, dtype: str) -> int:
-    """Keys and values of one token over every layer: 2 x layers x kv_heads x head_dim x dtype size."""
-    import torch
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(folder).get_text_config()
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * size
-
-
 def sized_prompts(folder: Path, tokens: int) -> list[str]:
     """PROMPTS, each repeated and cut to `tokens` tokens of `folder`'s tokenizer (before the chat template)."""
     from transformers import AutoTokenizer
@@ -642,7 +629,12 @@ def main() -> None:
     }
     if device == "cuda":
         bandwidth = hbm_copy_bandwidth()
-        size, per_token = weight_bytes(folder), kv_bytes_per_token(folder, dtype)
+        from transformers import AutoConfig
+
+        from respserve.engine.kv_cache import kv_bytes_per_token
+
+        size = weight_bytes(folder)
+        per_token = kv_bytes_per_token(AutoConfig.from_pretrained(folder).get_text_config(), getattr(torch, dtype))
         print(f"\nHBM copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights {size / 1e9:.2f} GB")
         summary |= {"hbm_bandwidth": bandwidth, "weight_bytes": size, "kv_bytes_per_token": per_token, "roofline": {}}
         for r in (r for r in results if r.server == "respserve"):

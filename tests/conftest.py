@@ -194,6 +194,15 @@ class TextTokens:
         self.image_spans: tuple[tuple[int, int], ...] = ()
 
 
+STALE = 1e4  # a finished sequence's KV left in a block: a row that read it would be far off
+
+
+def unwritten(attention: str) -> float:
+    """What a test fills a pool's unwritten slots with: NaN garbage, or, in the zeroed pool flex attention
+    needs (it weighs masked slots by 0, and 0 x NaN is NaN), a finished sequence's KV."""
+    return STALE if attention == "flex" else float("nan")
+
+
 def decode_step(
     lengths: list[int], kv_heads: int, block_size: int = 4, seed: int = 0, garbage: float = float("nan")
 ) -> tuple[list[torch.Tensor], list[list[int]], list[tuple[int, int]], int]:

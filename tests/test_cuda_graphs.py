@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_LAYERS, TextTokens
+from conftest import STALE, TINY_LAYERS, TextTokens, unwritten
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from respserve.engine.block_manager import NULL_BLOCK, BlockManager
@@ -50,13 +50,9 @@ def _model() -> Any:
 def _pool(model: Any, device: str, scratch: bool = False, attention: DecodeAttention = "gather") -> PagedKVCache:
     zeroed = attention == "flex"
     cache = PagedKVCache(model.config, NUM_BLOCKS, BLOCK, torch.float32, torch.device(device), 1, scratch, zeroed)
-    for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring: garbage,
-        pool[BLOCK:].fill_(_garbage(attention))  # or a finished sequence's KV in a pool flex needs zeroed
+    for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring
+        pool[BLOCK:].fill_(unwritten(attention))
     return cache
-
-
-def _garbage(attention: DecodeAttention) -> float:
-    return 1e4 if attention == "flex" else float("nan")
 
 
 def _decode(sequences: list[TextTokens]) -> list[Chunk]:
@@ -158,7 +154,7 @@ def test_static_padded_decode_steps_match_the_eager_path_on_the_cpu(attention: D
         assert not blocks[NULL_BLOCK].any()
         assert torch.isfinite(blocks[scratch, 0]).all()
         untouched = [block for block in range(NUM_BLOCKS) if block not in held | {NULL_BLOCK, scratch}]
-        assert blocks[untouched].isnan().all() if attention == "gather" else (blocks[untouched] == 1e4).all()
+        assert blocks[untouched].isnan().all() if attention == "gather" else (blocks[untouched] == STALE).all()
 
 
 def test_steps_with_prefill_chunks_stay_eager() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import RunningServer, assert_same_greedy_tokens, decode_step, free_port, never_ends, serving
+from conftest import STALE, RunningServer, assert_same_greedy_tokens, decode_step, free_port, never_ends, serving
 from transformers import Qwen3Config
 
 from respserve.cli import _parser
@@ -29,7 +29,6 @@ from respserve.engine.kv_cache import PagedKVCache
 from respserve.engine.paged_attention import build_step_layout, paged_attention, pick_decode_attention
 
 CPU = torch.device("cpu")
-STALE = 1e4  # a finished sequence's KV left in a block: a row that read it would be far off
 
 
 def _attend(attention: str, query: torch.Tensor, pool: list[torch.Tensor], layout_args: tuple, window: int | None):

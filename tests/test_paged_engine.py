@@ -25,6 +25,7 @@ from conftest import (
     start_server,
     stop_server,
     tiny_qwen3,
+    unwritten,
 )
 
 from respserve.config import load_settings
@@ -54,9 +55,9 @@ def _run_to_the_end(
     attention: DecodeAttention = "gather",
 ) -> Scheduler:
     """Greedy-decodes `prompts` through the paged engine on `device`, checking each sampled position's
-        logits against a plain CPU forward of a copy of the model (its own attention, no cache) over the whole
-        sequence. `attention`: how decode rows attend; "kernel" is with respserve's CPU kernels (bf16-kept weights
-    where `pack` too)."""
+    logits against a plain CPU forward of a copy of the model (its own attention, no cache) over the whole
+    sequence. `attention`: how decode rows attend; "kernel" is with respserve's CPU kernels (bf16-kept
+    weights where `pack` too)."""
     pipeline = server.state.default_model.worker.pipeline
     reference = type(model)(copy.deepcopy(model.config)).eval()
     reference.load_state_dict(model.state_dict())
@@ -67,10 +68,10 @@ def _run_to_the_end(
         assert pack_linears(model, bf16_kernel=kernels) > 0
         if kernels:
             assert fuse_rms_norms(model) == 2 * 2 + 2 * 2 + 1  # per layer: 2 + q_norm and k_norm; the final one
-    flex = attention == "flex"
-    cache = PagedKVCache(model.config, num_blocks, block_size, torch.float32, torch.device(device), zeroed=flex)
-    for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring: garbage,
-        pool[block_size:].fill_(1e4 if flex else float("nan"))  # or a finished sequence's KV in a zeroed pool
+    zeroed = attention == "flex"
+    cache = PagedKVCache(model.config, num_blocks, block_size, torch.float32, torch.device(device), zeroed=zeroed)
+    for pool in (*cache.keys, *cache.values):  # what a slot read before it is written would bring
+        pool[block_size:].fill_(unwritten(attention))
     runner = ModelRunner(model, cache, torch.device(device), decode_attention=attention)
     scheduler = Scheduler(BlockManager(num_blocks, block_size), max_running=8, max_prefill_tokens=budget)
     scheduler.prefill_budget = PrefillBudget(budget, idle_tokens=budget)  # chunks of `budget`, decoding or not

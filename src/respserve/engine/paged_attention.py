@@ -32,6 +32,7 @@ from transformers import AttentionInterface
 
 from respserve.engine.block_manager import NULL_BLOCK
 from respserve.engine.flex_decode import decode_block_mask, flex_decode_attention, flex_decode_works, pad_rows
+from respserve.engine.kv_cache import kv_shape
 
 ATTENTION_NAME = "respserve_paged"
 
@@ -50,10 +51,8 @@ def pick_decode_attention(
         return "kernel"
     if setting == "auto" and (device.type != "cuda" or shards > 1):
         return "gather"
-    heads = int(text_config.num_attention_heads)
-    kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
-    if flex_decode_works(device, dtype, heads // shards, kv_heads // shards, head_dim):
+    _, kv_heads, head_dim = kv_shape(text_config, shards)
+    if flex_decode_works(device, dtype, int(text_config.num_attention_heads) // shards, kv_heads, head_dim):
         return "flex"
     if setting == "flex":
         raise RuntimeError(f"--decode-attention flex was asked for, but flex attention does not run on {device}")
