@@ -5,12 +5,16 @@ gather-and-SDPA path it replaces, and what serves when they cannot be built."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from conftest import (
+    KERNEL_DIR,
     RunningServer,
     assert_same_greedy_tokens,
     decode_step,
@@ -37,7 +41,7 @@ def bf16_exact_linear(in_features: int, out_features: int, bias: bool = True, se
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 13, 31, 64, 200])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 12, 13, 25, 31, 64, 200])  # passes of 6 and 12
 @pytest.mark.parametrize(("in_features", "out_features", "bias"), [(64, 48, True), (576, 40, False), (96, 200, True)])
 def test_the_bf16_kernel_computes_float32_products(rows: int, in_features: int, out_features: int, bias: bool) -> None:
     linear = bf16_exact_linear(in_features, out_features, bias)
@@ -62,6 +66,42 @@ def test_a_rows_product_does_not_depend_on_the_rows_beside_it() -> None:
             assert torch.equal(module(x[1, row : row + 1]), batched[1, row : row + 1])
         assert torch.equal(module(x[:, :3].contiguous()), batched[:, :3])
         assert module(torch.empty(0, 576)).shape == (0, 1000)
+
+
+_PRODUCTS = """
+import sys, torch
+from pathlib import Path
+from respserve.engine.cpu_kernels import load_cpu_kernels
+from respserve.engine.packed_linear import Bf16Linear
+assert load_cpu_kernels(Path(sys.argv[1]))
+torch.manual_seed(5)
+linear = torch.nn.Linear(576, 1000)
+with torch.no_grad():
+    linear.weight.copy_(linear.weight.to(torch.bfloat16).float())
+with torch.inference_mode():
+    products = [Bf16Linear(linear)(torch.randn(rows, 576)) for rows in (1, 6, 7, 12, 13, 32, 200)]
+torch.save(products, sys.argv[2])
+print(torch.ops.respserve.bf16_linear_isa())
+"""
+
+
+@needs_kernels
+def test_the_avx512_and_avx2_paths_compute_the_same_bits(tmp_path: Path) -> None:
+    """The kernel's two paths, each in a process of its own (the path is chosen once per process)."""
+    runs = {}
+    for asked in ("", "avx2"):
+        out = tmp_path / f"products-{asked or 'default'}.pt"
+        env = {**os.environ, "RESPSERVE_CPU_KERNEL_ISA": asked}
+        done = subprocess.run(
+            [sys.executable, "-c", _PRODUCTS, str(KERNEL_DIR), str(out)], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[done.stdout.split()[-1]] = torch.load(out)
+    assert "avx2" in runs  # RESPSERVE_CPU_KERNEL_ISA=avx2 is obeyed everywhere
+    if "avx512" not in runs:
+        pytest.skip("this CPU has no AVX-512")
+    for wide, narrow in zip(runs["avx512"], runs["avx2"], strict=True):
+        assert torch.equal(wide, narrow)
 
 
 def test_bf16_blocks_are_padded_and_ordered_for_the_kernel() -> None:
