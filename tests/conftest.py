@@ -204,12 +204,17 @@ def unwritten(attention: str) -> float:
 
 
 def decode_step(
-    lengths: list[int], kv_heads: int, block_size: int = 4, seed: int = 0, garbage: float = float("nan")
+    lengths: list[int],
+    kv_heads: int,
+    block_size: int = 4,
+    seed: int = 0,
+    garbage: float = float("nan"),
+    head_dim: int = 16,
 ) -> tuple[list[torch.Tensor], list[list[int]], list[tuple[int, int]], int]:
     """A pool (keys, values) with `garbage` in every slot no row has written, block tables in shuffled
     order, and the spans of a step in which each row decodes its last token."""
     torch.manual_seed(seed)
-    head_dim, blocks = 16, 64
+    blocks = 64
     pool = [torch.full((blocks * block_size, kv_heads, head_dim), garbage) for _ in range(2)]
     for tensor in pool:
         tensor[NULL_BLOCK * block_size : (NULL_BLOCK + 1) * block_size] = 0

@@ -81,7 +81,7 @@ with torch.no_grad():
 with torch.inference_mode():
     products = [Bf16Linear(linear)(torch.randn(rows, 576)) for rows in (1, 6, 7, 12, 13, 32, 200)]
 torch.save(products, sys.argv[2])
-print(torch.ops.respserve.bf16_linear_isa())
+print(torch.ops.respserve.kernel_isa())
 """
 
 
@@ -102,6 +102,26 @@ def test_the_avx512_and_avx2_paths_compute_the_same_bits(tmp_path: Path) -> None
         pytest.skip("this CPU has no AVX-512")
     for wide, narrow in zip(runs["avx512"], runs["avx2"], strict=True):
         assert torch.equal(wide, narrow)
+
+
+@needs_kernels
+def test_the_avx2_path_passes_the_kernel_tests_on_an_avx512_cpu() -> None:
+    """This module's kernel tests again, in a pytest of their own with RESPSERVE_CPU_KERNEL_ISA=avx2 (on an
+    AVX2 CPU they have just run that way)."""
+    if torch.ops.respserve.kernel_isa() == "avx2":
+        pytest.skip("this process runs the AVX2 path already")
+    tests = [
+        "test_the_bf16_kernel_computes_float32_products",
+        "test_the_decode_kernel_attends_as_gathering_and_sdpa_do",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", " or ".join(tests)],
+        env={**os.environ, "RESPSERVE_CPU_KERNEL_ISA": "avx2"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout
 
 
 def test_bf16_blocks_are_padded_and_ordered_for_the_kernel() -> None:
@@ -164,10 +184,13 @@ def test_norms_the_kernel_does_not_compute_keep_their_own_forward() -> None:
 @needs_kernels
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 1)])
 @pytest.mark.parametrize("window", [None, 5])
-def test_the_decode_kernel_attends_as_gathering_and_sdpa_do(heads: int, kv_heads: int, window: int | None) -> None:
+@pytest.mark.parametrize("head_dim", [16, 24, 64, 128, 72])  # 24: AVX2's vectors, not AVX-512's; 72: neither
+def test_the_decode_kernel_attends_as_gathering_and_sdpa_do(
+    heads: int, kv_heads: int, window: int | None, head_dim: int
+) -> None:
     lengths = [1, 7, 16, 33, 4]
-    (keys, values), tables, spans, block_size = decode_step(lengths, kv_heads)
-    query = torch.randn(1, heads, len(lengths), 16)
+    (keys, values), tables, spans, block_size = decode_step(lengths, kv_heads, head_dim=head_dim)
+    query = torch.randn(1, heads, len(lengths), head_dim)
     module = torch.nn.Module()
     results = []
     for attention in ("gather", "kernel"):

@@ -1,4 +1,4 @@
-"""Our own CPU kernels (kernels/*.cpp), compiled on first use and kept for later starts.
+"""Our own CPU kernels (kernels/*.cpp and *.h), compiled on first use and kept for later starts.
 
 Three, for what no library here does well enough on a small CPU:
 - `torch.ops.respserve.bf16_linear` (kernels/bf16_linear.cpp): float32 activations times bfloat16-stored
@@ -9,6 +9,9 @@ Three, for what no library here does well enough on a small CPU:
   SDPA with a mask (paged_attention.py).
 - `torch.ops.respserve.rms_norm` (kernels/rms_norm.cpp): an RMSNorm in one call instead of eight tensor
   ops (fused_norms.py says which norms it stands in for).
+
+The first two run with AVX-512 where the CPU has it, else with AVX2 (kernels/isa.h;
+`torch.ops.respserve.kernel_isa()` says which, and `RESPSERVE_CPU_KERNEL_ISA=avx2` asks for AVX2).
 
 They are built with the machine's C++ compiler (`CXX`, else `c++`) against the running torch, into one
 library in `<cache dir>/kernels`, named by a hash of the sources, the flags and torch's version: a change
@@ -36,6 +39,7 @@ from torch.utils import cpp_extension
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(sorted(Path(__file__).with_name("kernels").glob("*.cpp")))
+HEADERS = tuple(sorted(Path(__file__).with_name("kernels").glob("*.h")))
 # -fopenmp: at::parallel_for splits the work over torch's own OpenMP threads (the process's libgomp).
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-fPIC")
 _LIBRARIES = ("-lc10", "-ltorch_cpu")
@@ -49,6 +53,7 @@ def load_cpu_kernels(kernel_dir: Path) -> bool:
     if reason is None:
         try:
             torch.ops.load_library(str(_built(kernel_dir)))
+            logger.info("respserve's CPU kernels are loaded (%s)", torch.ops.respserve.kernel_isa())
             return True
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             reason = str(error)
@@ -98,7 +103,7 @@ def _run(commands: list[list[str]]) -> None:
 def _built(kernel_dir: Path) -> Path:
     """The shared library for these sources, flags and torch, compiled now unless an earlier start did."""
     key = hashlib.sha256(" ".join((*_FLAGS, torch.__version__, sys.version)).encode())
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         key.update(source.read_bytes())
     library = kernel_dir / f"respserve_cpu-{key.hexdigest()[:16]}.so"
     if library.is_file():

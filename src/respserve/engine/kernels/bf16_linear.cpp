@@ -12,9 +12,8 @@
 // widens all 16 as they lie and puts them back in order once, when a block's sums are stored.
 //
 // Both paths make each column's sum with the same fused multiply-adds in the same order, so their results
-// are identical bit for bit. The AVX-512 one runs where the CPU has AVX-512 F and BW, unless
-// RESPSERVE_CPU_KERNEL_ISA=avx2 (for comparing the two): on CPUs with full-width 512-bit units it does
-// twice the multiply-adds per instruction (Zen 5, 2026-12-04: 8- and 32-row products x1.9-2.2 faster).
+// are identical bit for bit. isa.h says which runs: on CPUs with full-width 512-bit units AVX-512 does
+// twice the multiply-adds per instruction (Zen 5, 2026-12-04: 8- and 32-row products x1.6-1.9 faster).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,9 +22,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <string>
+
+#include "isa.h"
 
 namespace {
 
@@ -92,8 +90,6 @@ constexpr BlockRows kBlockRows[kMaxRows + 1] = {
 
 namespace avx512 {
 
-#define RESPSERVE_AVX512 __attribute__((target("avx512f,avx512bw")))
-
 constexpr int kMaxRows = 12;  // rows of x per pass: 12 accumulators of the 32 registers, 1 for weights
 
 // The same loop as avx2::block_rows, one register per row; x is broadcast from memory by each FMA.
@@ -127,8 +123,6 @@ RESPSERVE_AVX512 void block_rows(const float* x, int64_t K, const uint16_t* w, f
 #undef RESPSERVE_STORE
 }
 
-#undef RESPSERVE_AVX512
-
 constexpr BlockRows kBlockRows[kMaxRows + 1] = {
     nullptr,         block_rows<1>, block_rows<2>, block_rows<3>,  block_rows<4>,  block_rows<5>, block_rows<6>,
     block_rows<7>,   block_rows<8>, block_rows<9>, block_rows<10>, block_rows<11>, block_rows<12>};
@@ -136,20 +130,13 @@ constexpr BlockRows kBlockRows[kMaxRows + 1] = {
 }  // namespace avx512
 
 struct Isa {
-  const char* name;
   int max_rows;
   const BlockRows* block_rows;  // [max_rows + 1], by the rows of a pass
 };
 
 const Isa& chosen_isa() {
-  static const Isa isa = [] {
-    const char* asked = std::getenv("RESPSERVE_CPU_KERNEL_ISA");
-    const bool avx2_asked = asked != nullptr && std::strcmp(asked, "avx2") == 0;
-    if (!avx2_asked && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
-      return Isa{"avx512", avx512::kMaxRows, avx512::kBlockRows};
-    }
-    return Isa{"avx2", avx2::kMaxRows, avx2::kBlockRows};
-  }();
+  static const Isa isa = respserve::use_avx512() ? Isa{avx512::kMaxRows, avx512::kBlockRows}
+                                                 : Isa{avx2::kMaxRows, avx2::kBlockRows};
   return isa;
 }
 
@@ -201,12 +188,9 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
   return y.view(shape);
 }
 
-std::string bf16_linear_isa() { return chosen_isa().name; }
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(respserve, m) {
   m.def("bf16_linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
   m.impl("bf16_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_linear));
-  m.def("bf16_linear_isa() -> str", &bf16_linear_isa);
 }

@@ -4,6 +4,13 @@
 //
 // out[r, h] = softmax_j(scale * q[r, h] . K[slot(r, j), h / group]) @ V[slot(r, j), h / group], for the
 // positions j in [first, length) of row r; first = length - window with a sliding window, else 0.
+//
+// A head whose width is a multiple of the vector's (16 floats with AVX-512, 8 with AVX2; up to 256: 64 and
+// 128 in most models) is read a vector at a time, each dot product summed in two vector accumulators and
+// reduced once, and each output head kept in registers across its keys. isa.h says which build runs; the
+// reductions' order follows the vector width, so the two differ in the last bits.
+// Other head sizes take a plain loop. Measured 2026-12-04 on the Zen 5 EPYC (9 heads, 3 KV heads, 64
+// wide, context 100, 2 threads): 8 rows 99 -> 28 us a layer, 32 rows 241 -> 62 us (the plain loop before).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -12,15 +19,140 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
+
+#include "isa.h"
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+constexpr int64_t kMaxWidth = 256;  // heads up to this wide take the vector path
+// A vector of N floats: 16 (one AVX-512 register) or 8 (AVX2); GCC splits a wider one poorly. (GCC drops
+// vector_size on a dependent alias template, hence the specializations.)
+typedef float Vec16 __attribute__((vector_size(16 * sizeof(float))));
+typedef float Vec8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float Vec4 __attribute__((vector_size(4 * sizeof(float))));
+template <int N>
+struct VecOf;
+template <>
+struct VecOf<16> {
+  using type = Vec16;
+};
+template <>
+struct VecOf<8> {
+  using type = Vec8;
+};
+template <int N>
+using Vec = typename VecOf<N>::type;
+
+#define RESPSERVE_INLINE inline __attribute__((always_inline))
+
+template <int N>
+RESPSERVE_INLINE Vec<N> load(const float* p) {
+  Vec<N> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int N>
+RESPSERVE_INLINE float sum(Vec<N> v) {
+  if constexpr (N == 16) {
+    return sum<8>(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  } else {
+    static_assert(N == 8);
+    const Vec4 q = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
+  }
+}
+
+// What one task needs: a row's query heads for one KV head, its slots, and where its output goes.
+struct Task {
+  const float* q;         // [group, D]
+  const float* keys;      // the pool's keys for this KV head: slot s at keys + s * stride
+  const float* values;    // the same for values
+  const int64_t* slots;   // [count]
+  int64_t count, group, stride;
+  float scale;
+  float* scores;  // [group, count], scratch
+  float* out;     // [group, D]
+};
+
+// Softmax of each query head's scores in place (max subtracted, so exp never overflows).
+void softmax_rows(const Task& t) {
+  for (int64_t g = 0; g < t.group; ++g) {
+    float* s = t.scores + g * t.count;
+    const float top = *std::max_element(s, s + t.count);
+    float total = 0.f;
+    for (int64_t j = 0; j < t.count; ++j) total += (s[j] = std::exp(s[j] - top));
+    const float inverse = 1.f / total;
+    for (int64_t j = 0; j < t.count; ++j) s[j] *= inverse;
+  }
+}
+
+// A head of L vectors of N floats.
+template <int N, int L>
+RESPSERVE_INLINE void attend_vectors(const Task& t) {
+  for (int64_t j = 0; j < t.count; ++j) {
+    const float* k = t.keys + t.slots[j] * t.stride;
+    Vec<N> key[L];
+    for (int l = 0; l < L; ++l) key[l] = load<N>(k + l * N);
+    for (int64_t g = 0; g < t.group; ++g) {
+      const float* q = t.q + g * L * N;
+      Vec<N> even = {}, odd = {};  // two chains of FMAs instead of one
+      for (int l = 0; l + 1 < L; l += 2) {
+        even += load<N>(q + l * N) * key[l];
+        odd += load<N>(q + (l + 1) * N) * key[l + 1];
+      }
+      if constexpr (L % 2 == 1) even += load<N>(q + (L - 1) * N) * key[L - 1];
+      t.scores[g * t.count + j] = sum<N>(even + odd) * t.scale;
+    }
+  }
+  softmax_rows(t);
+  for (int64_t g = 0; g < t.group; ++g) {
+    const float* p = t.scores + g * t.count;
+    Vec<N> acc[L] = {};
+    for (int64_t j = 0; j < t.count; ++j) {
+      const float* v = t.values + t.slots[j] * t.stride;
+      for (int l = 0; l < L; ++l) acc[l] += p[j] * load<N>(v + l * N);
+    }
+    for (int l = 0; l < L; ++l) __builtin_memcpy(t.out + (g * L + l) * N, &acc[l], sizeof(Vec<N>));
+  }
+}
+
+// attend_vectors<N, D / N>, for D = N, 2N, ... kMaxWidth.
+template <int N, int... Ls>
+RESPSERVE_INLINE void attend_by_width(const Task& t, int64_t D, std::integer_sequence<int, Ls...>) {
+  ((D == (Ls + 1) * N ? attend_vectors<N, Ls + 1>(t) : void()), ...);
+}
+
+RESPSERVE_AVX512 void attend_avx512(const Task& t, int64_t D) {
+  attend_by_width<16>(t, D, std::make_integer_sequence<int, kMaxWidth / 16>{});
+}
+
+void attend_avx2(const Task& t, int64_t D) {
+  attend_by_width<8>(t, D, std::make_integer_sequence<int, kMaxWidth / 8>{});
+}
+
+// Any head size: one query head's dot product at a time.
+void attend_plain(const Task& t, int64_t D) {
+  for (int64_t j = 0; j < t.count; ++j) {
+    const float* k = t.keys + t.slots[j] * t.stride;
+    for (int64_t g = 0; g < t.group; ++g) {
+      float dot = 0.f;
+      for (int64_t d = 0; d < D; ++d) dot += t.q[g * D + d] * k[d];
+      t.scores[g * t.count + j] = dot * t.scale;
+    }
+  }
+  softmax_rows(t);
+  std::fill(t.out, t.out + t.group * D, 0.f);
+  for (int64_t j = 0; j < t.count; ++j) {
+    const float* v = t.values + t.slots[j] * t.stride;
+    for (int64_t g = 0; g < t.group; ++g) {
+      const float p = t.scores[g * t.count + j];
+      for (int64_t d = 0; d < D; ++d) t.out[g * D + d] += p * v[d];
+    }
+  }
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
@@ -47,43 +179,37 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
   const int64_t* table = slots.data_ptr<int64_t>();
   const int64_t* ns = lengths.data_ptr<int64_t>();
   float* os = out.data_ptr<float>();
+  auto first_of = [&](int64_t r) { return window > 0 ? std::max<int64_t>(0, ns[r] - window) : int64_t{0}; };
   for (int64_t r = 0; r < rows; ++r) {
     TORCH_CHECK(ns[r] >= 1 && ns[r] <= width, "paged_decode_attention: row ", r, " has length ", ns[r]);
+    for (int64_t j = first_of(r); j < ns[r]; ++j) {
+      const int64_t slot = table[r * width + j];
+      TORCH_CHECK(slot >= 0 && slot < pool, "paged_decode_attention: slot ", slot, " outside the pool");
+    }
   }
-  const float softmax_scale = static_cast<float>(scale);
+  const bool avx512 = respserve::use_avx512(), vectorized = D % (avx512 ? 16 : 8) == 0 && D <= kMaxWidth;
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(group * D);
+    std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / kv_heads, kv = task % kv_heads;
-      const int64_t n = ns[r], first = window > 0 ? std::max<int64_t>(0, n - window) : 0, count = n - first;
-      const int64_t* row_slots = table + r * width + first;
-      const float* q = qs + (r * heads + kv * group) * D;
+      const int64_t r = task / kv_heads, kv = task % kv_heads, first = first_of(r), count = ns[r] - first;
       scores.resize(group * count);
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t slot = row_slots[j];
-        TORCH_CHECK(slot >= 0 && slot < pool, "paged_decode_attention: slot ", slot, " outside the pool");
-        const float* k = ks + (slot * kv_heads + kv) * D;
-        for (int64_t g = 0; g < group; ++g) scores[g * count + j] = dot(q + g * D, k, D) * softmax_scale;
+      const Task t{qs + (r * heads + kv * group) * D,
+                   ks + kv * D,
+                   vs + kv * D,
+                   table + r * width + first,
+                   count,
+                   group,
+                   kv_heads * D,
+                   static_cast<float>(scale),
+                   scores.data(),
+                   os + (r * heads + kv * group) * D};
+      if (vectorized && avx512) {
+        attend_avx512(t, D);
+      } else if (vectorized) {
+        attend_avx2(t, D);
+      } else {
+        attend_plain(t, D);
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * count;
-        const float top = *std::max_element(s, s + count);
-        float total = 0.f;
-        for (int64_t j = 0; j < count; ++j) total += (s[j] = std::exp(s[j] - top));
-        const float inverse = 1.f / total;
-        for (int64_t j = 0; j < count; ++j) s[j] *= inverse;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < count; ++j) {
-        const float* v = vs + (row_slots[j] * kv_heads + kv) * D;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * count + j];
-          float* a = acc.data() + g * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
-        }
-      }
-      std::copy(acc.begin(), acc.end(), os + (r * heads + kv * group) * D);
     }
   });
   return out;
