@@ -222,6 +222,36 @@ def test_a_decode_row_mixed_with_a_prefill_chunk_goes_through_the_kernel() -> No
     torch.testing.assert_close(outputs[1], outputs[0], atol=2e-6, rtol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("head_dim", [16, 24, 64, 20])  # 24: AVX2's vectors on any CPU; 20: SDPA's path
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
+def test_the_chunk_kernel_attends_as_gathering_and_sdpa_do(
+    head_dim: int, window: int | None, heads: int, kv_heads: int
+) -> None:
+    """Prompt chunks after a cached prefix, from position 0, and of one token beside them, in one step."""
+    (keys, values), tables, _, block_size = decode_step([30, 19, 40, 9], kv_heads, head_dim=head_dim)
+    spans = [(11, 30), (0, 19), (39, 40), (0, 9)]
+    query = torch.randn(1, heads, 19 + 19 + 1 + 9, head_dim)
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        outputs = [
+            paged_attention(
+                torch.nn.Module(),
+                query,
+                keys,
+                values,
+                None,
+                0.2,
+                sliding_window=window,
+                paged_step=build_step_layout(tables, spans, block_size, cpu, decode_attention=attention),
+            )[0]
+            for attention in ("gather", "kernel")
+        ]
+    assert not outputs[1].isnan().any()
+    torch.testing.assert_close(outputs[1], outputs[0], atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("compiler", ["no-such-compiler", "false"])  # none on the PATH, or one that fails
 def test_without_a_working_compiler_the_engine_runs_without_the_kernels(
     compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

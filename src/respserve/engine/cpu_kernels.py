@@ -1,16 +1,18 @@
 """Our own CPU kernels (kernels/*.cpp and *.h), compiled on first use and kept for later starts.
 
-Three, for what no library here does well enough on a small CPU:
+Four, for what no library here does well enough on a small CPU:
 - `torch.ops.respserve.bf16_linear` (kernels/bf16_linear.cpp): float32 activations times bfloat16-stored
   weights, in float32. oneDNN multiplies bf16 weights only by bf16 activations, and on CPUs without
   AVX-512 it emulates that (packed_linear.py says when the weights qualify).
 - `torch.ops.respserve.paged_decode_attention` (kernels/paged_attention.cpp): decode rows' attention read
   in place from the KV pool through their slots, instead of gathering the keys and values and calling
   SDPA with a mask (paged_attention.py).
+- `torch.ops.respserve.paged_chunk_attention` (kernels/chunk_attention.cpp): a prompt chunk's causal
+  attention over its sequence's keys in the pool, instead of gathering them for SDPA with a mask.
 - `torch.ops.respserve.rms_norm` (kernels/rms_norm.cpp): an RMSNorm in one call instead of eight tensor
   ops (fused_norms.py says which norms it stands in for).
 
-The first two run with AVX-512 where the CPU has it, else with AVX2 (kernels/isa.h;
+The first three run with AVX-512 where the CPU has it, else with AVX2 (kernels/isa.h;
 `torch.ops.respserve.kernel_isa()` says which, and `RESPSERVE_CPU_KERNEL_ISA=avx2` asks for AVX2).
 
 They are built with the machine's C++ compiler (`CXX`, else `c++`) against the running torch, into one

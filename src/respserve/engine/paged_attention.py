@@ -18,7 +18,9 @@ Decode rows never lie in a span, so the single-row path knows nothing of this.
 Gathering copies the KV a step reads, on top of reading it, so the single-query rows have three ways
 (`decode_attention`): "kernel", respserve's CPU kernel (float32, kernels/paged_attention.cpp), and "flex",
 torch's flex attention (flex_decode.py, the default on CUDA), both reading each row's slots in place; and
-"gather", the slots gathered and attended by SDPA, which runs anywhere.
+"gather", the slots gathered and attended by SDPA, which runs anywhere. With "kernel", prompt chunks go
+through a kernel of respserve's too (kernels/chunk_attention.cpp) unless they hold image spans; elsewhere
+they are gathered for SDPA.
 """
 
 from __future__ import annotations
@@ -213,6 +215,14 @@ def paged_attention(
     if single is not None:
         out[step.single_rows] = single
     for chunk in step.chunks:
+        if step.decode_attention == "kernel" and _chunk_kernel_takes(chunk, head_dim):  # reads the pool in place
+            queries = query[0, :, chunk.start : chunk.end, :].transpose(0, 1).contiguous()
+            scale = head_dim**-0.5 if scaling is None else scaling
+            kernel = torch.ops.respserve.paged_chunk_attention
+            out[chunk.start : chunk.end] = kernel(
+                queries, key, value, chunk.slots, chunk.first_position, scale, sliding_window or 0
+            )
+            continue
         keys = key.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
         values = value.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
         queries = query[:, :, chunk.start : chunk.end, :]
@@ -222,6 +232,13 @@ def paged_attention(
         )
         out[chunk.start : chunk.end] = attended[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _chunk_kernel_takes(chunk: PrefillChunk, head_dim: int) -> bool:
+    """Whether respserve's CPU kernel computes this chunk's attention (kernels/chunk_attention.cpp): plain
+    causal attention, with or without a sliding window, at a head size it has vectors for. Image spans
+    attended both ways keep SDPA and its mask."""
+    return not chunk.image_spans and head_dim % 8 == 0 and head_dim <= 256
 
 
 def _attend_single_rows(
