@@ -24,48 +24,14 @@
 #include <vector>
 
 #include "isa.h"
+#include "vectors.h"
 
 namespace {
 
 constexpr int64_t kMaxWidth = 256;  // heads up to this wide take the vector path
-// A vector of N floats: 16 (one AVX-512 register) or 8 (AVX2); GCC splits a wider one poorly. (GCC drops
-// vector_size on a dependent alias template, hence the specializations.)
-typedef float Vec16 __attribute__((vector_size(16 * sizeof(float))));
-typedef float Vec8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float Vec4 __attribute__((vector_size(4 * sizeof(float))));
-template <int N>
-struct VecOf;
-template <>
-struct VecOf<16> {
-  using type = Vec16;
-};
-template <>
-struct VecOf<8> {
-  using type = Vec8;
-};
-template <int N>
-using Vec = typename VecOf<N>::type;
-
-#define RESPSERVE_INLINE inline __attribute__((always_inline))
-
-template <int N>
-RESPSERVE_INLINE Vec<N> load(const float* p) {
-  Vec<N> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <int N>
-RESPSERVE_INLINE float sum(Vec<N> v) {
-  if constexpr (N == 16) {
-    return sum<8>(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-  } else {
-    static_assert(N == 8);
-    const Vec4 q = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-    return (q[0] + q[2]) + (q[1] + q[3]);
-  }
-}
+using respserve::load;
+using respserve::sum;
+using respserve::Vec;
 
 // What one task needs: a row's query heads for one KV head, its slots, and where its output goes.
 struct Task {
