@@ -201,24 +201,39 @@ def test_the_decode_kernel_attends_as_gathering_and_sdpa_do(
     torch.testing.assert_close(results[1], results[0], atol=2e-6, rtol=1e-5)
 
 
-@needs_kernels
-def test_a_decode_row_mixed_with_a_prefill_chunk_goes_through_the_kernel() -> None:
-    (keys, values), tables, _, block_size = decode_step([9, 12], kv_heads=2)
-    spans = [(8, 9), (0, 12)]  # a decode row, then a whole prompt's chunk
-    query = torch.randn(1, 4, 13, 16)
+def gathered_and_kernel(
+    query: torch.Tensor,
+    pool: list[torch.Tensor],
+    tables: list[list[int]],
+    spans: list[tuple[int, int]],
+    block_size: int,
+    scaling: float | None = None,
+    window: int | None = None,
+) -> list[torch.Tensor]:
+    """One step's attention by gathering for SDPA, then by the kernels."""
+    keys, values = pool
     cpu = torch.device("cpu")
     with torch.inference_mode():
-        outputs = [
+        return [
             paged_attention(
                 torch.nn.Module(),
                 query,
                 keys,
                 values,
                 None,
+                scaling,
+                sliding_window=window,
                 paged_step=build_step_layout(tables, spans, block_size, cpu, decode_attention=attention),
             )[0]
             for attention in ("gather", "kernel")
         ]
+
+
+@needs_kernels
+def test_a_decode_row_mixed_with_a_prefill_chunk_goes_through_the_kernel() -> None:
+    pool, tables, _, block_size = decode_step([9, 12], kv_heads=2)
+    spans = [(8, 9), (0, 12)]  # a decode row, then a whole prompt's chunk
+    outputs = gathered_and_kernel(torch.randn(1, 4, 13, 16), pool, tables, spans, block_size)
     torch.testing.assert_close(outputs[1], outputs[0], atol=2e-6, rtol=1e-5)
 
 
@@ -230,24 +245,10 @@ def test_the_chunk_kernel_attends_as_gathering_and_sdpa_do(
     head_dim: int, window: int | None, heads: int, kv_heads: int
 ) -> None:
     """Prompt chunks after a cached prefix, from position 0, and of one token beside them, in one step."""
-    (keys, values), tables, _, block_size = decode_step([30, 19, 40, 9], kv_heads, head_dim=head_dim)
+    pool, tables, _, block_size = decode_step([30, 19, 40, 9], kv_heads, head_dim=head_dim)
     spans = [(11, 30), (0, 19), (39, 40), (0, 9)]
     query = torch.randn(1, heads, 19 + 19 + 1 + 9, head_dim)
-    cpu = torch.device("cpu")
-    with torch.inference_mode():
-        outputs = [
-            paged_attention(
-                torch.nn.Module(),
-                query,
-                keys,
-                values,
-                None,
-                0.2,
-                sliding_window=window,
-                paged_step=build_step_layout(tables, spans, block_size, cpu, decode_attention=attention),
-            )[0]
-            for attention in ("gather", "kernel")
-        ]
+    outputs = gathered_and_kernel(query, pool, tables, spans, block_size, 0.2, window)
     assert not outputs[1].isnan().any()
     torch.testing.assert_close(outputs[1], outputs[0], atol=2e-6, rtol=1e-5)
 
