@@ -184,7 +184,7 @@ def test_norms_the_kernel_does_not_compute_keep_their_own_forward() -> None:
 @needs_kernels
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 1)])
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("head_dim", [16, 24, 64, 128, 72])  # 24: AVX2's vectors, not AVX-512's; 72: neither
+@pytest.mark.parametrize("head_dim", [16, 24, 64, 128, 72, 20])  # 24, 72: AVX2 vectors on any CPU; 20: plain loop
 def test_the_decode_kernel_attends_as_gathering_and_sdpa_do(
     heads: int, kv_heads: int, window: int | None, head_dim: int
 ) -> None:

@@ -217,10 +217,9 @@ def paged_attention(
     for chunk in step.chunks:
         if step.decode_attention == "kernel" and _chunk_kernel_takes(chunk, head_dim):  # reads the pool in place
             queries = query[0, :, chunk.start : chunk.end, :].transpose(0, 1).contiguous()
-            scale = head_dim**-0.5 if scaling is None else scaling
             kernel = torch.ops.respserve.paged_chunk_attention
             out[chunk.start : chunk.end] = kernel(
-                queries, key, value, chunk.slots, chunk.first_position, scale, sliding_window or 0
+                queries, key, value, chunk.slots, chunk.first_position, _scale(scaling, head_dim), sliding_window or 0
             )
             continue
         keys = key.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
@@ -232,6 +231,11 @@ def paged_attention(
         )
         out[chunk.start : chunk.end] = attended[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _scale(scaling: float | None, head_dim: int) -> float:
+    """The softmax scale our kernels take: the model's, else SDPA's default."""
+    return head_dim**-0.5 if scaling is None else scaling
 
 
 def _chunk_kernel_takes(chunk: PrefillChunk, head_dim: int) -> bool:
@@ -253,8 +257,7 @@ def _attend_single_rows(
     whole_step = step.single_slots.shape[0] == query.shape[2]  # the rows are the step's tokens, in order
     queries = (query[0] if whole_step else query[0, :, step.single_rows, :]).transpose(0, 1)  # [rows, heads, D]
     if step.decode_attention == "kernel":  # reads the pool in place
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        window = sliding_window or 0
+        scale, window = _scale(scaling, query.shape[-1]), sliding_window or 0
         kernel = torch.ops.respserve.paged_decode_attention
         return kernel(queries.contiguous(), key, value, step.single_slots, step.single_lengths, scale, window)
     if step.decode_attention == "flex":  # reads the pool in place too

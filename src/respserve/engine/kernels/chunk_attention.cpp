@@ -34,8 +34,8 @@ using respserve::Ints;
 using respserve::Vec;
 
 constexpr int64_t kMaxWidth = 256;
-constexpr float kNever = -1e30f;
-constexpr int kAcross = 8;  // divides every head size taken (multiples of 8)  // the running maximum before any key: finite, so rescaling never makes NaN
+constexpr float kNever = -1e30f;  // the running maximum before any key: finite, so rescaling never makes NaN
+constexpr int kAcross = 8;        // output elements summed at once; divides every head size taken (multiples of 8)
 
 struct Chunk {
   const float* query;   // [T, heads, D]
@@ -47,13 +47,13 @@ struct Chunk {
   float* out;  // [T, heads, D]
 };
 
-// One tile: KV head `kv`, rows [row0, row0 + N) of its T * group (token, head) pairs (token-major), D = L * N.
 // Scratch for one thread: the tile's queries and outputs, transposed ([D][N]).
 struct Scratch {
   float* qt;
   float* ot;
 };
 
+// One tile: KV head `kv`, rows [row0, row0 + N) of its T * group (token, head) pairs (token-major).
 template <int N, int D>
 RESPSERVE_INLINE void attend_tile(const Chunk& c, int64_t kv, int64_t row0, const Scratch& s) {
   float* const qt = s.qt;

@@ -5,8 +5,8 @@
 // out[r, h] = softmax_j(scale * q[r, h] . K[slot(r, j), h / group]) @ V[slot(r, j), h / group], for the
 // positions j in [first, length) of row r; first = length - window with a sliding window, else 0.
 //
-// A head whose width is a multiple of the vector's (16 floats with AVX-512, 8 with AVX2; up to 256: 64 and
-// 128 in most models) is read a vector at a time, each dot product summed in two vector accumulators and
+// A head whose width is a multiple of 8 up to 256 (64 and 128 in most models) is read a vector at a time
+// (16 floats with AVX-512 where the width allows, else 8 with AVX2), each dot product summed in two vector accumulators and
 // reduced once, and each output head kept in registers across its keys. isa.h says which build runs; the
 // reductions' order follows the vector width, so the two differ in the last bits.
 // Other head sizes take a plain loop. Measured 2026-12-04 on the Zen 5 EPYC (9 heads, 3 KV heads, 64 wide,
@@ -30,6 +30,7 @@ namespace {
 
 constexpr int64_t kMaxWidth = 256;  // heads up to this wide take the vector path
 using respserve::load;
+using respserve::store;
 using respserve::sum;
 using respserve::Vec;
 
@@ -83,7 +84,7 @@ RESPSERVE_INLINE void attend_vectors(const Task& t) {
       const float* v = t.values + t.slots[j] * t.stride;
       for (int l = 0; l < L; ++l) acc[l] += p[j] * load<N>(v + l * N);
     }
-    for (int l = 0; l < L; ++l) __builtin_memcpy(t.out + (g * L + l) * N, &acc[l], sizeof(Vec<N>));
+    for (int l = 0; l < L; ++l) store<N>(t.out + (g * L + l) * N, acc[l]);
   }
 }
 
@@ -154,7 +155,8 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
       TORCH_CHECK(slot >= 0 && slot < pool, "paged_decode_attention: slot ", slot, " outside the pool");
     }
   }
-  const bool avx512 = respserve::use_avx512(), vectorized = D % (avx512 ? 16 : 8) == 0 && D <= kMaxWidth;
+  // A head size that is a multiple of 8 but not of 16 takes the AVX2 build on an AVX-512 CPU too.
+  const bool avx512 = respserve::use_avx512() && D % 16 == 0, vectorized = D % 8 == 0 && D <= kMaxWidth;
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
