@@ -27,7 +27,13 @@ from conftest import (
 from respserve.cli import _parser
 from respserve.config import load_settings
 from respserve.engine.fused_norms import FusedRMSNorm, fuse_rms_norms
-from respserve.engine.packed_linear import Bf16Linear, PackedLinear, pack_bf16_blocks, prepared_linear
+from respserve.engine.packed_linear import (
+    Bf16Linear,
+    PackedLinear,
+    pack_amx_tiles,
+    pack_bf16_blocks,
+    prepared_linear,
+)
 from respserve.engine.paged_attention import build_step_layout, paged_attention
 from respserve.engine.text_pipeline import uses_cpu_kernels
 
@@ -41,8 +47,11 @@ def bf16_exact_linear(in_features: int, out_features: int, bias: bool = True, se
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 12, 13, 25, 31, 64, 200])  # passes of 6 and 12
-@pytest.mark.parametrize(("in_features", "out_features", "bias"), [(64, 48, True), (576, 40, False), (96, 200, True)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 12, 13, 25, 31, 64, 200])  # passes of 6, 12 and AMX tiles
+# 100 features: AMX pads K to whole tiles of 32
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "bias"), [(64, 48, True), (576, 40, False), (96, 200, True), (100, 24, True)]
+)
 def test_the_bf16_kernel_computes_float32_products(rows: int, in_features: int, out_features: int, bias: bool) -> None:
     linear = bf16_exact_linear(in_features, out_features, bias)
     x = torch.randn(rows, in_features)
@@ -85,11 +94,11 @@ print(torch.ops.respserve.kernel_isa())
 """
 
 
-@needs_kernels
-def test_the_avx512_and_avx2_paths_compute_the_same_bits(tmp_path: Path) -> None:
-    """The kernel's two paths, each in a process of its own (the path is chosen once per process)."""
+def _products_by_path(tmp_path: Path) -> dict[str, list[torch.Tensor]]:
+    """The kernel's products on every path this CPU has, each in a process of its own (the path is chosen
+    once per process)."""
     runs = {}
-    for asked in ("", "avx2"):
+    for asked in ("", "avx512", "avx2"):
         out = tmp_path / f"products-{asked or 'default'}.pt"
         env = {**os.environ, "RESPSERVE_CPU_KERNEL_ISA": asked}
         done = subprocess.run(
@@ -98,6 +107,12 @@ def test_the_avx512_and_avx2_paths_compute_the_same_bits(tmp_path: Path) -> None
         assert done.returncode == 0, done.stderr[-2000:]
         runs[done.stdout.split()[-1]] = torch.load(out)
     assert "avx2" in runs  # RESPSERVE_CPU_KERNEL_ISA=avx2 is obeyed everywhere
+    return runs
+
+
+@needs_kernels
+def test_the_avx512_and_avx2_paths_compute_the_same_bits(tmp_path: Path) -> None:
+    runs = _products_by_path(tmp_path)
     if "avx512" not in runs:
         pytest.skip("this CPU has no AVX-512")
     for wide, narrow in zip(runs["avx512"], runs["avx2"], strict=True):
@@ -105,18 +120,33 @@ def test_the_avx512_and_avx2_paths_compute_the_same_bits(tmp_path: Path) -> None
 
 
 @needs_kernels
-def test_the_avx2_path_passes_the_kernel_tests_on_an_avx512_cpu() -> None:
-    """This module's kernel tests again, in a pytest of their own with RESPSERVE_CPU_KERNEL_ISA=avx2 (on an
-    AVX2 CPU they have just run that way)."""
-    if torch.ops.respserve.kernel_isa() == "avx2":
-        pytest.skip("this process runs the AVX2 path already")
+def test_the_amx_path_computes_what_the_avx_paths_do_to_float32_rounding(tmp_path: Path) -> None:
+    """AMX sums the three bf16 parts of each activation apart, so its bits differ from the AVX paths'
+    (which the float64 tests hold to float32 accuracy too), by a few float32 steps of the result."""
+    runs = _products_by_path(tmp_path)
+    if "amx" not in runs:
+        pytest.skip("this CPU has no AMX")
+    assert "avx512" in runs  # RESPSERVE_CPU_KERNEL_ISA=avx512 turns AMX off
+    for tiles, vectors in zip(runs["amx"], runs["avx512"], strict=True):
+        torch.testing.assert_close(tiles, vectors, rtol=0, atol=576 * 2e-7 * float(vectors.abs().max()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("path", ["avx2", "avx512"])
+def test_the_narrower_paths_pass_the_kernel_tests_on_a_wider_cpu(path: str) -> None:
+    """This module's kernel tests again, in a pytest of their own with RESPSERVE_CPU_KERNEL_ISA=avx2 or
+    avx512 (a CPU whose widest path is that one has just run them that way)."""
+    order = ["avx2", "avx512", "amx"]
+    if order.index(torch.ops.respserve.kernel_isa()) <= order.index(path):
+        pytest.skip(f"this process runs the {torch.ops.respserve.kernel_isa()} path")
     tests = [
         "test_the_bf16_kernel_computes_float32_products",
+        "test_a_rows_product_does_not_depend_on_the_rows_beside_it",
         "test_the_decode_kernel_attends_as_gathering_and_sdpa_do",
     ]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", " or ".join(tests)],
-        env={**os.environ, "RESPSERVE_CPU_KERNEL_ISA": "avx2"},
+        env={**os.environ, "RESPSERVE_CPU_KERNEL_ISA": path},
         capture_output=True,
         text=True,
     )
@@ -133,6 +163,19 @@ def test_bf16_blocks_are_padded_and_ordered_for_the_kernel() -> None:
     assert blocks[0, 0].tolist() == [3.0 * column for column in order]
     assert blocks[1, 2, :4].tolist() == [3.0 * 16 + 2, 3.0 * 17 + 2, 3.0 * 18 + 2, 3.0 * 19 + 2]
     assert not blocks[1, :, 4:].any()  # the padding
+
+
+def test_amx_tiles_hold_pairs_of_k_side_by_side() -> None:
+    torch.manual_seed(4)
+    weight = torch.randn(20, 35).to(torch.bfloat16).float()
+    tiles = pack_amx_tiles(weight)
+    assert tiles.shape == (2, 32, 32) and tiles.dtype == torch.bfloat16  # K 35 -> 64: 32 pairs of k
+    pairs = tiles.float().view(2, 32, 16, 2)  # [block, pair of k, column, k within the pair]
+    expected = torch.zeros(2, 32, 16, 2)  # columns 20-31 and k 35-63 are padding
+    for n in range(20):
+        for k in range(35):
+            expected[n // 16, k // 2, n % 16, k % 2] = weight[n, k]
+    assert torch.equal(pairs, expected)
 
 
 def test_only_weights_that_bf16_holds_exactly_are_kept_as_bf16() -> None:

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from respserve.engine.fused_projections import fuse_projections
 
 _BLOCK = 16  # output columns of a packed bf16 block (bf16_linear.cpp)
+_TILE_K = 32  # values of k in a row of an AMX tile (amx_linear.h): K is padded to a multiple
 # Within a block, the order that the kernel's interleave with zeros turns into columns 0-15.
 _BLOCK_ORDER = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
 
@@ -41,12 +42,14 @@ class PackedLinear(nn.Module):
 
 
 class Bf16Linear(nn.Module):
-    """float32 in and out, the weight kept as bfloat16 in the kernel's blocks ([N / 16, K, 16])."""
+    """float32 in and out, the weight kept as bfloat16 in the blocks of the kernel's path on this CPU."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = pack_bf16_blocks(linear.weight.detach())
+        weight = linear.weight.detach()
+        amx = torch.ops.respserve.kernel_isa() == "amx"
+        self.packed_weight = pack_amx_tiles(weight) if amx else pack_bf16_blocks(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +63,16 @@ def pack_bf16_blocks(weight: torch.Tensor) -> torch.Tensor:
     padded = F.pad(weight.to(torch.bfloat16), (0, 0, 0, -out_features % _BLOCK))
     blocks = padded.view(-1, _BLOCK, in_features)[:, _BLOCK_ORDER, :]
     return blocks.transpose(1, 2).contiguous()
+
+
+def pack_amx_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N / 16), Kp / 2, 32] bfloat16 for the AMX path: K padded with zeros to Kp, a multiple
+    of 32; in each block of 16 columns, row i holds k = 2i and 2i + 1 of each column side by side, the
+    layout a tile multiply reads its second operand in."""
+    out_features, in_features = weight.shape
+    padded = F.pad(weight.to(torch.bfloat16), (0, -in_features % _TILE_K, 0, -out_features % _BLOCK))
+    pairs = padded.view(-1, _BLOCK, padded.shape[1] // 2, 2)  # [blocks, column, pair, 2]
+    return pairs.transpose(1, 2).reshape(pairs.shape[0], pairs.shape[2], 2 * _BLOCK).contiguous()
 
 
 def holds_exactly_in_bf16(weight: torch.Tensor) -> bool:

@@ -14,6 +14,7 @@
 // Both paths make each column's sum with the same fused multiply-adds in the same order, so their results
 // are identical bit for bit. isa.h says which runs: on CPUs with full-width 512-bit units AVX-512 does
 // twice the multiply-adds per instruction (Zen 5, 2026-12-04: 8- and 32-row products x1.6-1.9 faster).
+// On CPUs with AMX the tiles do the products instead (amx_linear.cpp), from weights packed for them.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 
+#include "amx_linear.h"
 #include "isa.h"
 
 namespace {
@@ -142,11 +144,16 @@ const Isa& chosen_isa() {
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "bf16_linear: x must be float32, not ", x.scalar_type());
-  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 3 && packed.size(2) == kColumns &&
-                  packed.is_contiguous(),
-              "bf16_linear: weights must be packed as [N / 16, K, 16] bfloat16");
   const int64_t K = x.size(-1);
-  TORCH_CHECK(packed.size(1) == K, "bf16_linear: x has ", K, " features, the weights ", packed.size(1));
+  const bool amx = respserve::use_amx();
+  // The tiles' layout: pairs of k side by side, K padded to whole tiles (amx_linear.h)
+  const int64_t packed_k = amx ? (K + respserve::kAmxTileK - 1) / respserve::kAmxTileK * respserve::kAmxTileK / 2 : K;
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 3 && packed.is_contiguous() &&
+                  packed.size(2) == (amx ? 2 * kColumns : kColumns),
+              amx ? "bf16_linear: weights must be packed for AMX as [N / 16, Kp / 2, 32] bfloat16"
+                  : "bf16_linear: weights must be packed as [N / 16, K, 16] bfloat16");
+  TORCH_CHECK(packed.size(1) == packed_k, "bf16_linear: x has ", K, " features, the weights ", packed.size(1),
+              amx ? " pairs" : "");
   TORCH_CHECK(n > (packed.size(0) - 1) * kColumns && n <= packed.size(0) * kColumns, "bf16_linear: bad n ", n);
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_contiguous()),
               "bf16_linear: bias must be float32 [n]");
@@ -160,6 +167,10 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
   const uint16_t* ws = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   float* ys = y.data_ptr<float>();
   const float* bs = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  if (amx) {
+    respserve::amx_bf16_linear(xs, M, K, ws, n, bs, ys);
+    return y.view(shape);
+  }
   const Isa& isa = chosen_isa();
   const int64_t passes = (M + isa.max_rows - 1) / isa.max_rows;
   // A block is K * 32 bytes, K / 2 cache lines; over all passes `ahead` moves on by one block. With one

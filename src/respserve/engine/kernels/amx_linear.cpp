@@ -1,0 +1,166 @@
+// float32 activations times bfloat16-stored weights on AMX tiles, in float32 (bf16_linear.cpp's contract).
+//
+// A tile multiply takes bf16 on both sides, so each activation is split into three bf16 parts,
+// x = hi + mid + lo, exactly: each part holds the next 8 of float32's 24 significant bits. A weight holds
+// exactly in bf16, so each part's product with it is exact in float32 (16 significant bits), and the
+// tile sums them in float32 as an FMA would. The three partial sums are added at the end, hi + (mid + lo):
+// the error is a float32 sum's, not bf16's. Three multiplies for one are cheap here: one tile multiply is
+// 8,192 multiply-adds, which AVX-512 does in 256 FMA instructions.
+//
+// A row's result depends only on that row and the k order, which is the same whatever M is, so a row's
+// product does not depend on the rows batched with it (as on the AVX paths). The bits differ from the
+// AVX paths', which sum each product once: the same float32 accuracy, another rounding order.
+//
+// Tiles: 0-2 the sums of the three parts for up to 16 rows and a block's 16 columns; 3 the block's
+// weights for 32 values of k; 4-6 the three parts of those rows for the same 32 values of k.
+
+#include "amx_linear.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "isa.h"
+
+namespace respserve {
+
+#if RESPSERVE_HAVE_AMX
+
+namespace {
+
+constexpr int64_t kRows = 16;     // rows of a tile: tokens of a group
+constexpr int64_t kColumns = 16;  // output columns of a packed block
+constexpr int64_t kParts = 3;     // bf16 parts of a float32
+constexpr int64_t kRowBytes = 64;
+constexpr int64_t kPrefetchAhead = 4096;  // bytes of weights requested ahead of the tile being loaded
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+RESPSERVE_AMX __m512 widen(__m256bh part) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(part)), 16));
+}
+
+// parts [tiles * kRows][Kp]: row 3m + p is part p of x's row m; rows past 3M and columns past K are zero.
+RESPSERVE_AMX void split_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t tiles, uint16_t* parts) {
+  for (int64_t m = 0; m < M; ++m) {
+    uint16_t* dst = parts + kParts * m * Kp;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1);
+      const __m512 value = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+      const __m256bh hi = _mm512_cvtneps_pbh(value);  // round to nearest even
+      const __m512 rest = _mm512_sub_ps(value, widen(hi));  // exact: hi is value's nearest bf16
+      const __m256bh mid = _mm512_cvtneps_pbh(rest);
+      const __m256bh lo = _mm512_cvtneps_pbh(_mm512_sub_ps(rest, widen(mid)));
+      _mm256_mask_storeu_epi16(dst + k, mask, reinterpret_cast<__m256i>(hi));
+      _mm256_mask_storeu_epi16(dst + Kp + k, mask, reinterpret_cast<__m256i>(mid));
+      _mm256_mask_storeu_epi16(dst + 2 * Kp + k, mask, reinterpret_cast<__m256i>(lo));
+    }
+    for (int64_t p = 0; p < kParts; ++p) std::memset(dst + p * Kp + K, 0, (Kp - K) * sizeof(uint16_t));
+  }
+  std::memset(parts + kParts * M * Kp, 0, (tiles * kRows - kParts * M) * Kp * sizeof(uint16_t));
+}
+
+// Tiles 0-3 sums, 4 weights, 5-7 rows of x; `rows` in each (fewer than 16 when all of x fits one tile).
+RESPSERVE_AMX void configure_tiles(int rows) {
+  TileConfig config;
+  for (int tile = 0; tile < 8; ++tile) {
+    config.rows[tile] = tile == 4 ? kRows : rows;
+    config.bytes_per_row[tile] = kRowBytes;
+  }
+  _tile_loadconfig(&config);
+}
+
+// A block's 16 columns for R tiles of rows (R <= 4) of parts, into sums [R * 16][16].
+template <int R>
+RESPSERVE_AMX void block_tiles(const uint16_t* w, const uint16_t* parts, int64_t Kp, float* sums) {
+  const int64_t stride = Kp * sizeof(uint16_t), tile = kRows * Kp;
+  _tile_zero(0);
+  if constexpr (R > 1) _tile_zero(1);
+  if constexpr (R > 2) _tile_zero(2);
+  if constexpr (R > 3) _tile_zero(3);
+  for (int64_t k = 0; k < Kp; k += kAmxTileK) {
+    // A tile load waits for its weights: request the ones a few tiles on (the next block's past the end).
+    const char* ahead = reinterpret_cast<const char*>(w + k * kColumns) + kPrefetchAhead;
+    for (int64_t line = 0; line < kRows * kRowBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    _tile_loadd(4, w + k * kColumns, kRowBytes);  // 16 pairs of k, 16 columns each
+    _tile_loadd(5, parts + k, stride);
+    _tile_dpbf16ps(0, 5, 4);
+    if constexpr (R > 1) {
+      _tile_loadd(6, parts + tile + k, stride);
+      _tile_dpbf16ps(1, 6, 4);
+    }
+    if constexpr (R > 2) {
+      _tile_loadd(7, parts + 2 * tile + k, stride);
+      _tile_dpbf16ps(2, 7, 4);
+    }
+    if constexpr (R > 3) {
+      _tile_loadd(5, parts + 3 * tile + k, stride);
+      _tile_dpbf16ps(3, 5, 4);
+    }
+  }
+  const int64_t out = kRows * kColumns;
+  _tile_stored(0, sums, kRowBytes);
+  if constexpr (R > 1) _tile_stored(1, sums + out, kRowBytes);
+  if constexpr (R > 2) _tile_stored(2, sums + 2 * out, kRowBytes);
+  if constexpr (R > 3) _tile_stored(3, sums + 3 * out, kRowBytes);
+}
+
+using BlockTiles = void (*)(const uint16_t*, const uint16_t*, int64_t, float*);
+constexpr int kMaxTiles = 4;  // row tiles a pass over a block takes
+constexpr BlockTiles kBlockTiles[kMaxTiles + 1] = {nullptr, block_tiles<1>, block_tiles<2>, block_tiles<3>,
+                                                   block_tiles<4>};
+
+// Blocks [first, last) of y's columns, on one thread (a lambda would not carry the AMX target along).
+RESPSERVE_AMX void multiply_blocks(int64_t first, int64_t last, const uint16_t* parts, int64_t tiles, int64_t M,
+                                   int64_t Kp, const uint16_t* packed, int64_t n, const float* bias, float* y) {
+  configure_tiles(static_cast<int>(std::min(kRows, kParts * M)));  // per thread: a thread's state
+  std::vector<float> sums(tiles * kRows * kColumns);
+  for (int64_t block = first; block < last; ++block) {
+    const uint16_t* w = packed + block * Kp * kColumns;
+    for (int64_t t = 0; t < tiles; t += kMaxTiles) {
+      const int64_t count = std::min<int64_t>(kMaxTiles, tiles - t);
+      kBlockTiles[count](w, parts + t * kRows * Kp, Kp, sums.data() + t * kRows * kColumns);
+    }
+    const int64_t column = block * kColumns, columns = std::min(kColumns, n - column);
+    for (int64_t m = 0; m < M; ++m) {
+      const float *hi = sums.data() + kParts * m * kColumns, *mid = hi + kColumns, *lo = mid + kColumns;
+      float* dst = y + m * n + column;
+      for (int64_t c = 0; c < columns; ++c) dst[c] = hi[c] + (mid[c] + lo[c]) + (bias ? bias[column + c] : 0.f);
+    }
+  }
+  _tile_release();  // so that the kernel need not save the tiles' state at each switch
+}
+
+}  // namespace
+
+void amx_bf16_linear(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_t n, const float* bias,
+                     float* y) {
+  const int64_t Kp = (K + kAmxTileK - 1) / kAmxTileK * kAmxTileK, tiles = (kParts * M + kRows - 1) / kRows;
+  const at::Tensor split = at::empty({tiles * kRows * Kp}, at::kBFloat16);
+  uint16_t* parts = reinterpret_cast<uint16_t*>(split.data_ptr<at::BFloat16>());
+  split_rows(x, M, K, Kp, tiles, parts);
+  at::parallel_for(0, (n + kColumns - 1) / kColumns, 1, [&](int64_t first, int64_t last) {
+    multiply_blocks(first, last, parts, tiles, M, Kp, packed, n, bias, y);
+  });
+}
+
+#else
+
+void amx_bf16_linear(const float*, int64_t, int64_t, const uint16_t*, int64_t, const float*, float*) {
+  TORCH_CHECK(false, "bf16_linear: this build has no AMX path");
+}
+
+#endif
+
+}  // namespace respserve
