@@ -5,7 +5,7 @@
 
 namespace respserve {
 
-// Bytes of K one row of a tile holds: K is padded to a multiple of this many bf16 values.
+// Values of k (bf16) one row of a tile holds: K is padded to a multiple of this.
 constexpr int64_t kAmxTileK = 32;
 
 // y [M, n] = x [M, K] @ w.T + bias (bias may be null), float32, with w packed for the tiles
