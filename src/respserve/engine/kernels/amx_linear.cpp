@@ -12,14 +12,14 @@
 // AVX paths', which sum each product once: the same float32 accuracy, another rounding order.
 //
 // x's rows become 3M rows of parts (row 3m + p is part p of row m), laid in tiles of 16 rows; all of them
-// fit one tile up to 5 rows of x, so a decode step of a few streams costs one tile multiply per 32 values
-// of k. Tiles: 0-3 the sums of up to four row tiles for a block's 16 output columns; 4 and 5 the block's
-// weights for 32 values of k, in turn; 6 and 7 the row tiles' parts for the same k, in turn.
+// fit one tile up to 5 rows of x, so a decode step of a few streams costs one tile multiply per block and
+// 32 values of k. A thread takes its blocks two at a time, and the row tiles two at a time against them
+// (pair_tiles: four sums in tiles, each tile of weights or parts loaded once for two multiplies).
 //
-// Measured on a 2-core Intel Xeon with AMX (2026-12-07), [M x 576] @ [576 x 1536], weights in cache: 1 row
-// 38 -> 17-20 us, 8 rows 55 -> 28-32 us, 32 rows 203 -> 100 us against the AVX-512 path; the output head
-// ([32 x 576] @ [576 x 49152]) 7.2 -> 3.0-3.7 ms. A decode step of SmolLM2 at 32 rows 55-61 -> 45-54 ms;
-// a 2,048-token prompt chunk's matmuls 1.2 s (455 GFLOP/s).
+// Measured on a 2-core Intel Xeon with AMX (2026-12-07), [M x 576] @ [576 x 1536], weights in cache, against
+// the AVX-512 path: 1 row 38 -> 17-20 us, 8 rows 55 -> 28-32 us, 32 rows 203 -> 85-100 us; the output head
+// ([32 x 576] @ [576 x 49152]) 7.2 -> 3.0-3.7 ms. A decode step of SmolLM2 at 32 rows 55-61 -> 45-54 ms
+// (before pairs); a 2,048-token prompt chunk's matmuls 1.0 s (about 550 GFLOP/s).
 
 #include "amx_linear.h"
 
@@ -112,7 +112,7 @@ RESPSERVE_AMX void configure_tiles(int rows) {
     }                                                                                                  \
   } while (0)
 
-// A block's 16 columns for R tiles of rows (R <= 4) of parts, into sums [R * 16][16].
+// A block's 16 columns for R tiles of rows (R <= 4) of parts, into sums [R * 16][16] (a thread's odd block).
 template <int R>
 RESPSERVE_AMX void block_tiles(const uint16_t* w, const uint16_t* parts, int64_t Kp, float* sums) {
   const int64_t stride = Kp * sizeof(uint16_t), tile = kRows * Kp;
@@ -140,6 +140,56 @@ constexpr int kMaxTiles = 4;  // row tiles a pass over a block takes
 constexpr BlockTiles kBlockTiles[kMaxTiles + 1] = {nullptr, block_tiles<1>, block_tiles<2>, block_tiles<3>,
                                                    block_tiles<4>};
 
+// y's rows [m0, m1) in one block's columns, from the block's sums (row m0's parts first): each row's three
+// parts added, and the bias.
+RESPSERVE_AMX void store_block(const float* sums, int64_t m0, int64_t m1, int64_t n, int64_t block, const float* bias,
+                               float* y) {
+  const int64_t column = block * kColumns;
+  const __mmask16 mask = static_cast<__mmask16>((1u << std::min(kColumns, n - column)) - 1);
+  const __m512 offset = bias ? _mm512_maskz_loadu_ps(mask, bias + column) : _mm512_setzero_ps();
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* hi = sums + kParts * (m - m0) * kColumns;  // then mid, then lo
+    const __m512 rest = _mm512_add_ps(_mm512_loadu_ps(hi + kColumns), _mm512_loadu_ps(hi + 2 * kColumns));
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(hi), rest), offset);
+    _mm512_mask_storeu_ps(y + m * n + column, mask, sum);
+  }
+}
+
+// Two blocks' columns for R tiles of rows (R <= 2), into sums0 and sums1 [R * 16][16]: tiles 0-3 the four
+// sums, 4 and 5 the two blocks' weights, 6 and 7 the row tiles' parts, each loaded once for two
+// multiplies (four loads for four multiplies, where one block and four row tiles take five). Measured
+// against one block at a time (2026-12-07, alternated processes): 40 weights streamed at 32 rows 10.9-12.8
+// -> 9.0-10.4 ms; a 2,048-token chunk's matmuls 1.2 -> 0.96-1.05 s.
+template <int R>
+RESPSERVE_AMX void pair_tiles(const uint16_t* w0, const uint16_t* w1, const uint16_t* parts, int64_t Kp,
+                              float* sums0, float* sums1) {
+  const int64_t stride = Kp * sizeof(uint16_t), tile = kRows * Kp, out = kRows * kColumns;
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (R > 1) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t k = 0; k < Kp; k += kAmxTileK) {
+    _tile_loadd(4, w0 + k * kColumns, kRowBytes);
+    _tile_loadd(5, w1 + k * kColumns, kRowBytes);
+    _tile_loadd(6, parts + k, stride);
+    _tile_dpbf16ps(0, 6, 4);
+    _tile_dpbf16ps(1, 6, 5);
+    if constexpr (R > 1) {
+      _tile_loadd(7, parts + tile + k, stride);
+      _tile_dpbf16ps(2, 7, 4);
+      _tile_dpbf16ps(3, 7, 5);
+    }
+  }
+  _tile_stored(0, sums0, kRowBytes);
+  _tile_stored(1, sums1, kRowBytes);
+  if constexpr (R > 1) {
+    _tile_stored(2, sums0 + out, kRowBytes);
+    _tile_stored(3, sums1 + out, kRowBytes);
+  }
+}
+
 // Blocks [first, last) of y's columns, on one thread (a lambda would not carry the AMX target along).
 //
 // Every tile multiply loads a tile of parts: a prompt's thousands of rows go in groups whose parts stay in
@@ -151,25 +201,32 @@ RESPSERVE_AMX void multiply_blocks(int64_t first, int64_t last, const uint16_t* 
   configure_tiles(static_cast<int>(std::min(kRows, kParts * M)));  // per thread: a thread's state
   // Tiles of a group: a multiple of 12, so that passes are whole and no row's parts straddle two groups.
   const int64_t group = std::max<int64_t>(12, kL2Parts / (kRows * Kp * sizeof(uint16_t)) / 12 * 12);
-  std::vector<float> sums(std::min(tiles, group) * kRows * kColumns);
+  std::vector<float> sums(std::min(tiles, group) * kRows * kColumns), pair_sums(sums.size());
   for (int64_t g = 0; g < tiles; g += group) {
     const int64_t group_tiles = std::min(group, tiles - g);
     const int64_t m0 = g * kRows / kParts, m1 = std::min(M, (g + group_tiles) * kRows / kParts);
-    for (int64_t block = first; block < last; ++block) {
+    int64_t block = first;
+    for (; block + 1 < last; block += 2) {  // pairs of blocks, two row tiles at a time
       const uint16_t* w = packed + block * Kp * kColumns;
+      for (int64_t t = 0; t < group_tiles; t += 2) {
+        const uint16_t* rows = parts + (g + t) * kRows * Kp;
+        float *first_sums = sums.data() + t * kRows * kColumns, *second_sums = pair_sums.data() + t * kRows * kColumns;
+        if (group_tiles - t >= 2) {
+          pair_tiles<2>(w, w + Kp * kColumns, rows, Kp, first_sums, second_sums);
+        } else {
+          pair_tiles<1>(w, w + Kp * kColumns, rows, Kp, first_sums, second_sums);
+        }
+      }
+      store_block(sums.data(), m0, m1, n, block, bias, y);
+      store_block(pair_sums.data(), m0, m1, n, block + 1, bias, y);
+    }
+    if (block < last) {  // an odd one out, up to four row tiles at a time
       for (int64_t t = 0; t < group_tiles; t += kMaxTiles) {
         const int64_t count = std::min<int64_t>(kMaxTiles, group_tiles - t);
-        kBlockTiles[count](w, parts + (g + t) * kRows * Kp, Kp, sums.data() + t * kRows * kColumns);
+        kBlockTiles[count](packed + block * Kp * kColumns, parts + (g + t) * kRows * Kp, Kp,
+                           sums.data() + t * kRows * kColumns);
       }
-      const int64_t column = block * kColumns;
-      const __mmask16 mask = static_cast<__mmask16>((1u << std::min(kColumns, n - column)) - 1);
-      const __m512 offset = bias ? _mm512_maskz_loadu_ps(mask, bias + column) : _mm512_setzero_ps();
-      for (int64_t m = m0; m < m1; ++m) {
-        const float* hi = sums.data() + kParts * (m - m0) * kColumns;  // then mid, then lo
-        const __m512 rest = _mm512_add_ps(_mm512_loadu_ps(hi + kColumns), _mm512_loadu_ps(hi + 2 * kColumns));
-        const __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(hi), rest), offset);
-        _mm512_mask_storeu_ps(y + m * n + column, mask, sum);
-      }
+      store_block(sums.data(), m0, m1, n, block, bias, y);
     }
   }
   _tile_release();  // so that the kernel need not save the tiles' state at each switch
