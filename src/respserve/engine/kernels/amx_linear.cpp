@@ -40,7 +40,7 @@ namespace respserve {
 
 namespace {
 
-constexpr int64_t kRows = 16;     // rows of a tile: tokens of a group
+constexpr int64_t kRows = 16;     // rows of a tile (of parts, or of sums)
 constexpr int64_t kColumns = 16;  // output columns of a packed block
 constexpr int64_t kParts = 3;     // bf16 parts of a float32
 constexpr int64_t kRowBytes = 64;
@@ -78,7 +78,7 @@ RESPSERVE_AMX void split_rows(const float* x, int64_t M, int64_t K, int64_t Kp, 
   std::memset(parts + kParts * M * Kp, 0, (tiles * kRows - kParts * M) * Kp * sizeof(uint16_t));
 }
 
-// Tiles 0-3 sums, 4-5 weights, 6-7 rows of x; `rows` in each (fewer than 16 when all of x fits one tile).
+// Tiles 0-3 sums, 4-5 weights, 6-7 parts; `rows` in each (fewer than 16 when all of x's parts fit one tile).
 RESPSERVE_AMX void configure_tiles(int rows) {
   TileConfig config;
   for (int tile = 0; tile < 8; ++tile) {
@@ -87,58 +87,6 @@ RESPSERVE_AMX void configure_tiles(int rows) {
   }
   _tile_loadconfig(&config);
 }
-
-// One step of k (32 values) for R tiles of rows: the block's weights into tile B, each row tile's parts
-// into tiles 6 and 7 in turn, multiplied into sums 0..R-1. B alternates between tiles 4 and 5 from one
-// step to the next, so that a step's load need not wait for the previous step's multiplies to read theirs.
-// The weights stream in block order, which the hardware prefetches: requesting them a few tiles ahead (to
-// L1 or L2) measured the same as not, and taking k in chunks whose parts stay in L1 was no faster.
-#define RESPSERVE_K_STEP(B, k)                                                                         \
-  do {                                                                                                 \
-    _tile_loadd(B, w + (k) * kColumns, kRowBytes);                                                     \
-    _tile_loadd(6, parts + (k), stride);                                                               \
-    _tile_dpbf16ps(0, 6, B);                                                                           \
-    if constexpr (R > 1) {                                                                             \
-      _tile_loadd(7, parts + tile + (k), stride);                                                      \
-      _tile_dpbf16ps(1, 7, B);                                                                         \
-    }                                                                                                  \
-    if constexpr (R > 2) {                                                                             \
-      _tile_loadd(6, parts + 2 * tile + (k), stride);                                                  \
-      _tile_dpbf16ps(2, 6, B);                                                                         \
-    }                                                                                                  \
-    if constexpr (R > 3) {                                                                             \
-      _tile_loadd(7, parts + 3 * tile + (k), stride);                                                  \
-      _tile_dpbf16ps(3, 7, B);                                                                         \
-    }                                                                                                  \
-  } while (0)
-
-// A block's 16 columns for R tiles of rows (R <= 4) of parts, into sums [R * 16][16] (a thread's odd block).
-template <int R>
-RESPSERVE_AMX void block_tiles(const uint16_t* w, const uint16_t* parts, int64_t Kp, float* sums) {
-  const int64_t stride = Kp * sizeof(uint16_t), tile = kRows * Kp;
-  _tile_zero(0);
-  if constexpr (R > 1) _tile_zero(1);
-  if constexpr (R > 2) _tile_zero(2);
-  if constexpr (R > 3) _tile_zero(3);
-  int64_t k = 0;
-  for (; k + 2 * kAmxTileK <= Kp; k += 2 * kAmxTileK) {
-    RESPSERVE_K_STEP(4, k);
-    RESPSERVE_K_STEP(5, k + kAmxTileK);
-  }
-  if (k < Kp) RESPSERVE_K_STEP(4, k);
-  const int64_t out = kRows * kColumns;
-  _tile_stored(0, sums, kRowBytes);
-  if constexpr (R > 1) _tile_stored(1, sums + out, kRowBytes);
-  if constexpr (R > 2) _tile_stored(2, sums + 2 * out, kRowBytes);
-  if constexpr (R > 3) _tile_stored(3, sums + 3 * out, kRowBytes);
-}
-
-#undef RESPSERVE_K_STEP
-
-using BlockTiles = void (*)(const uint16_t*, const uint16_t*, int64_t, float*);
-constexpr int kMaxTiles = 4;  // row tiles a pass over a block takes
-constexpr BlockTiles kBlockTiles[kMaxTiles + 1] = {nullptr, block_tiles<1>, block_tiles<2>, block_tiles<3>,
-                                                   block_tiles<4>};
 
 // y's rows [m0, m1) in one block's columns, from the block's sums (row m0's parts first): each row's three
 // parts added, and the bias.
@@ -159,7 +107,9 @@ RESPSERVE_AMX void store_block(const float* sums, int64_t m0, int64_t m1, int64_
 // sums, 4 and 5 the two blocks' weights, 6 and 7 the row tiles' parts, each loaded once for two
 // multiplies (four loads for four multiplies, where one block and four row tiles take five). Measured
 // against one block at a time (2026-12-07, alternated processes): 40 weights streamed at 32 rows 10.9-12.8
-// -> 9.0-10.4 ms; a 2,048-token chunk's matmuls 1.2 -> 0.96-1.05 s.
+// -> 9.0-10.4 ms; a 2,048-token chunk's matmuls 1.2 -> 0.96-1.05 s. The weights stream in block order,
+// which the hardware prefetches: requesting them a few tiles ahead (to L1 or L2) measured the same as not,
+// and taking k in chunks whose parts stay in L1 was no faster.
 template <int R>
 RESPSERVE_AMX void pair_tiles(const uint16_t* w0, const uint16_t* w1, const uint16_t* parts, int64_t Kp,
                               float* sums0, float* sums1) {
@@ -199,34 +149,27 @@ RESPSERVE_AMX void pair_tiles(const uint16_t* w0, const uint16_t* w1, const uint
 RESPSERVE_AMX void multiply_blocks(int64_t first, int64_t last, const uint16_t* parts, int64_t tiles, int64_t M,
                                    int64_t Kp, const uint16_t* packed, int64_t n, const float* bias, float* y) {
   configure_tiles(static_cast<int>(std::min(kRows, kParts * M)));  // per thread: a thread's state
-  // Tiles of a group: a multiple of 12, so that passes are whole and no row's parts straddle two groups.
-  const int64_t group = std::max<int64_t>(12, kL2Parts / (kRows * Kp * sizeof(uint16_t)) / 12 * 12);
+  // Tiles of a group: a multiple of 6, so that row tiles go in pairs and no row's parts straddle two groups.
+  const int64_t group = std::max<int64_t>(6, kL2Parts / (kRows * Kp * sizeof(uint16_t)) / 6 * 6);
   std::vector<float> sums(std::min(tiles, group) * kRows * kColumns), pair_sums(sums.size());
   for (int64_t g = 0; g < tiles; g += group) {
     const int64_t group_tiles = std::min(group, tiles - g);
     const int64_t m0 = g * kRows / kParts, m1 = std::min(M, (g + group_tiles) * kRows / kParts);
-    int64_t block = first;
-    for (; block + 1 < last; block += 2) {  // pairs of blocks, two row tiles at a time
-      const uint16_t* w = packed + block * Kp * kColumns;
-      for (int64_t t = 0; t < group_tiles; t += 2) {
+    for (int64_t block = first; block < last; block += 2) {
+      const bool pair = block + 1 < last;  // an odd one out goes with itself, the copy's sums thrown away
+      const uint16_t* w0 = packed + block * Kp * kColumns;
+      const uint16_t* w1 = pair ? w0 + Kp * kColumns : w0;
+      for (int64_t t = 0; t < group_tiles; t += 2) {  // two row tiles at a time
         const uint16_t* rows = parts + (g + t) * kRows * Kp;
         float *first_sums = sums.data() + t * kRows * kColumns, *second_sums = pair_sums.data() + t * kRows * kColumns;
         if (group_tiles - t >= 2) {
-          pair_tiles<2>(w, w + Kp * kColumns, rows, Kp, first_sums, second_sums);
+          pair_tiles<2>(w0, w1, rows, Kp, first_sums, second_sums);
         } else {
-          pair_tiles<1>(w, w + Kp * kColumns, rows, Kp, first_sums, second_sums);
+          pair_tiles<1>(w0, w1, rows, Kp, first_sums, second_sums);
         }
       }
       store_block(sums.data(), m0, m1, n, block, bias, y);
-      store_block(pair_sums.data(), m0, m1, n, block + 1, bias, y);
-    }
-    if (block < last) {  // an odd one out, up to four row tiles at a time
-      for (int64_t t = 0; t < group_tiles; t += kMaxTiles) {
-        const int64_t count = std::min<int64_t>(kMaxTiles, group_tiles - t);
-        kBlockTiles[count](packed + block * Kp * kColumns, parts + (g + t) * kRows * Kp, Kp,
-                           sums.data() + t * kRows * kColumns);
-      }
-      store_block(sums.data(), m0, m1, n, block, bias, y);
+      if (pair) store_block(pair_sums.data(), m0, m1, n, block + 1, bias, y);
     }
   }
   _tile_release();  // so that the kernel need not save the tiles' state at each switch
