@@ -16,7 +16,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -165,9 +165,12 @@ at::Tensor paged_chunk_attention(const at::Tensor& query, const at::Tensor& keys
   // The sequence's keys and values per KV head, in position order and N zero rows past the end: a tile then
   // reads a block of keys from one address, and the gather is done once for all tiles.
   const int64_t length = slots.numel() + lanes;
-  at::Tensor gathered = at::zeros({2, kv_heads, length, D}, keys.options());
+  at::Tensor gathered = at::empty({2, kv_heads, length, D}, keys.options());
   float* gathered_keys = gathered.data_ptr<float>();
   float* gathered_values = gathered_keys + kv_heads * length * D;
+  for (int64_t head = 0; head < 2 * kv_heads; ++head) {  // only the padding needs zeros (3 MB a layer at 2k tokens)
+    std::memset(gathered_keys + (head * length + slots.numel()) * D, 0, lanes * D * sizeof(float));
+  }
   const float* pool_keys = keys.data_ptr<float>();
   const float* pool_values = values.data_ptr<float>();
   at::parallel_for(0, slots.numel(), 64, [&](int64_t begin, int64_t end) {
