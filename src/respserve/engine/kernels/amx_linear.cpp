@@ -179,7 +179,7 @@ RESPSERVE_AMX void multiply_blocks(int64_t first, int64_t last, const uint16_t* 
 
 void amx_bf16_linear(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_t n, const float* bias,
                      float* y) {
-  const int64_t Kp = (K + kAmxTileK - 1) / kAmxTileK * kAmxTileK, tiles = (kParts * M + kRows - 1) / kRows;
+  const int64_t Kp = amx_padded_k(K), tiles = (kParts * M + kRows - 1) / kRows;
   const at::Tensor split = at::empty({tiles * kRows * Kp}, at::kBFloat16);
   uint16_t* parts = reinterpret_cast<uint16_t*>(split.data_ptr<at::BFloat16>());
   split_rows(x, M, K, Kp, tiles, parts);

@@ -147,7 +147,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n,
   const int64_t K = x.size(-1);
   const bool amx = respserve::use_amx();
   // The tiles' layout: pairs of k side by side, K padded to whole tiles (amx_linear.h)
-  const int64_t packed_k = amx ? (K + respserve::kAmxTileK - 1) / respserve::kAmxTileK * respserve::kAmxTileK / 2 : K;
+  const int64_t packed_k = amx ? respserve::amx_padded_k(K) / 2 : K;
   TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 3 && packed.is_contiguous() &&
                   packed.size(2) == (amx ? 2 * kColumns : kColumns),
               amx ? "bf16_linear: weights must be packed for AMX as [N / 16, Kp / 2, 32] bfloat16"
