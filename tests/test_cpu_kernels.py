@@ -100,9 +100,11 @@ print(torch.ops.respserve.kernel_isa())
 """
 
 
-def _products_by_path(tmp_path: Path) -> dict[str, list[torch.Tensor]]:
+@pytest.fixture(scope="module")
+def products_by_path(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[torch.Tensor]]:
     """The kernel's products on every path this CPU has, each in a process of its own (the path is chosen
-    once per process)."""
+    once per process); computed once for the tests that compare them."""
+    tmp_path = tmp_path_factory.mktemp("products")
     runs = {}
     for asked in ("", "avx512", "avx2"):
         out = tmp_path / f"products-{asked or 'default'}.pt"
@@ -117,8 +119,8 @@ def _products_by_path(tmp_path: Path) -> dict[str, list[torch.Tensor]]:
 
 
 @needs_kernels
-def test_the_avx512_and_avx2_paths_compute_the_same_bits(tmp_path: Path) -> None:
-    runs = _products_by_path(tmp_path)
+def test_the_avx512_and_avx2_paths_compute_the_same_bits(products_by_path: dict[str, list[torch.Tensor]]) -> None:
+    runs = products_by_path
     if "avx512" not in runs:
         pytest.skip("this CPU has no AVX-512")
     for wide, narrow in zip(runs["avx512"], runs["avx2"], strict=True):
@@ -126,10 +128,12 @@ def test_the_avx512_and_avx2_paths_compute_the_same_bits(tmp_path: Path) -> None
 
 
 @needs_kernels
-def test_the_amx_path_computes_what_the_avx_paths_do_to_float32_rounding(tmp_path: Path) -> None:
+def test_the_amx_path_computes_what_the_avx_paths_do_to_float32_rounding(
+    products_by_path: dict[str, list[torch.Tensor]],
+) -> None:
     """AMX sums the three bf16 parts of each activation apart, so its bits differ from the AVX paths'
     (which the float64 tests hold to float32 accuracy too), by a few float32 steps of the result."""
-    runs = _products_by_path(tmp_path)
+    runs = products_by_path
     if "amx" not in runs:
         pytest.skip("this CPU has no AMX")
     assert "avx512" in runs  # RESPSERVE_CPU_KERNEL_ISA=avx512 turns AMX off
