@@ -14,9 +14,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Already on the machine's image (a newer copy from here would shadow versions its transformers needs).
-ON_IMAGE="attrs certifi charset_normalizer click filelock fsspec h11 hf_xet huggingface_hub idna numpy
+# Already on the machine's image: copies from here would only shadow them.
+# transformers and huggingface_hub travel, at the versions installed here: the image's transformers (5.17 as
+# of 2026-11) predates the `cache` keyword the engine passes (pyproject.toml), and ours checks at import
+# for a newer huggingface_hub than the image's (1.33).
+ON_IMAGE="attrs certifi charset_normalizer click filelock fsspec h11 hf_xet idna numpy
 packaging pillow pyyaml regex requests safetensors sniffio tqdm urllib3 zipp annotated_doc"
+
+installed() {
+    .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))"
+}
 
 prepare() {
     rm -rf .gpu && mkdir -p .gpu/whl
@@ -26,7 +33,8 @@ prepare() {
     done
     .venv/bin/pip download -q --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
         -d .gpu/whl fastapi uvicorn pydantic pydantic-settings sse-starlette platformdirs llguidance mcp openai \
-        jsonschema pypdf python-multipart cryptography gguf diffusers psycopg psycopg-binary psycopg-pool
+        jsonschema pypdf python-multipart cryptography gguf diffusers psycopg psycopg-binary psycopg-pool \
+        "transformers==$(installed transformers)" "huggingface_hub==$(installed huggingface_hub)"
     for name in $ON_IMAGE; do
         rm -f .gpu/whl/"$name"-*.whl
     done
