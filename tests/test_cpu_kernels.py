@@ -153,6 +153,8 @@ def test_the_narrower_paths_pass_the_kernel_tests_on_a_wider_cpu(path: str) -> N
         "test_the_bf16_kernel_computes_float32_products",
         "test_a_rows_product_does_not_depend_on_the_rows_beside_it",
         "test_the_decode_kernel_attends_as_gathering_and_sdpa_do",
+        "test_the_chunk_kernel_attends_as_gathering_and_sdpa_do",
+        "test_the_chunk_kernel_holds_float32_accuracy_over_long_contexts",
     ]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", " or ".join(tests)],
@@ -304,6 +306,50 @@ def test_the_chunk_kernel_attends_as_gathering_and_sdpa_do(
     outputs = gathered_and_kernel(query, pool, tables, spans, block_size, 0.2, window)
     assert not outputs[1].isnan().any()
     torch.testing.assert_close(outputs[1], outputs[0], atol=2e-6, rtol=1e-5)
+
+
+def chunk_attention_in_float64(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: int, scale: float, window: int
+) -> torch.Tensor:
+    """Causal attention of query [tokens, heads, D] at positions first.. over keys and values [n, kv_heads, D]."""
+    group = query.shape[1] // keys.shape[1]
+    k, v = (x.double().repeat_interleave(group, 1) for x in (keys, values))
+    scores = torch.einsum("thd,nhd->htn", query.double(), k) * scale
+    position = torch.arange(first, first + query.shape[0])[:, None]
+    key = torch.arange(keys.shape[0])[None, :]
+    seen = (key <= position) & ((key > position - window) if window else True)
+    return torch.einsum("htn,nhd->thd", scores.masked_fill(~seen, float("-inf")).softmax(-1), v)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("head_dim", "heads", "kv_heads", "first", "tokens", "window"),
+    [
+        (64, 9, 3, 2096, 45, 0),  # the next turn of a long conversation, in SmolLM2's shapes
+        (64, 9, 3, 0, 600, 0),  # a prompt from its start, over more than one span of keys (AMX: 512)
+        (32, 4, 4, 7, 19, 6),
+        (128, 8, 2, 600, 70, 0),
+        (96, 6, 3, 1000, 33, 200),  # a sliding window that starts inside the chunk's context
+        (64, 4, 1, 1500, 1, 0),
+        (80, 2, 1, 100, 5, 0),  # 80: 16-wide vectors, not 32-wide tiles
+    ],
+)
+def test_the_chunk_kernel_holds_float32_accuracy_over_long_contexts(
+    head_dim: int, heads: int, kv_heads: int, first: int, tokens: int, window: int
+) -> None:
+    """Whichever path this CPU takes (AMX tiles for head sizes that are multiples of 32), against float64,
+    with the sequence's slots scattered over a pool whose other slots hold NaN."""
+    torch.manual_seed(7)
+    length = first + tokens
+    pool = [torch.full((2 * length + 64, kv_heads, head_dim), float("nan")) for _ in range(2)]
+    slots = torch.randperm(2 * length + 64)[:length]
+    keys, values = torch.randn(length, kv_heads, head_dim), torch.randn(length, kv_heads, head_dim)
+    pool[0][slots], pool[1][slots] = keys, values
+    query = torch.randn(tokens, heads, head_dim)
+    scale = head_dim**-0.5
+    out = torch.ops.respserve.paged_chunk_attention(query, *pool, slots, first, scale, window)
+    expected = chunk_attention_in_float64(query, keys, values, first, scale, window)
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("compiler", ["no-such-compiler", "false"])  # none on the PATH, or one that fails

@@ -12,9 +12,10 @@ Four, for what no library here does well enough on a small CPU:
 - `torch.ops.respserve.rms_norm` (kernels/rms_norm.cpp): an RMSNorm in one call instead of eight tensor
   ops (fused_norms.py says which norms it stands in for).
 
-The first three run with AVX-512 where the CPU has it, else with AVX2, and the matmul on AMX tiles where
-the CPU has those (kernels/isa.h, kernels/amx_linear.cpp). `torch.ops.respserve.kernel_isa()` says which
-(amx, avx512 or avx2); `RESPSERVE_CPU_KERNEL_ISA=avx512` or `avx2` asks for a narrower one.
+The first three run with AVX-512 where the CPU has it, else with AVX2, and the matmul and the chunk
+attention on AMX tiles where the CPU has those (kernels/isa.h, kernels/amx_linear.cpp,
+kernels/amx_attention.cpp). `torch.ops.respserve.kernel_isa()` says which (amx, avx512 or avx2);
+`RESPSERVE_CPU_KERNEL_ISA=avx512` or `avx2` asks for a narrower one.
 
 They are built with the machine's C++ compiler (`CXX`, else `c++`) against the running torch, into one
 library in `<cache dir>/kernels`, named by a hash of the sources, the flags and torch's version: a change

@@ -32,6 +32,7 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "isa.h"
 
 namespace respserve {
@@ -40,19 +41,10 @@ namespace respserve {
 
 namespace {
 
-constexpr int64_t kRows = 16;     // rows of a tile (of parts, or of sums)
-constexpr int64_t kColumns = 16;  // output columns of a packed block
-constexpr int64_t kParts = 3;     // bf16 parts of a float32
-constexpr int64_t kRowBytes = 64;
+constexpr int64_t kRows = kTileRows;  // rows of a tile (of parts, or of sums)
+constexpr int64_t kColumns = 16;       // output columns of a packed block
+constexpr int64_t kRowBytes = kTileBytes;
 constexpr int64_t kL2Parts = 1024 * 1024;  // bytes of parts a group of rows keeps in L2 (2 MB on Sapphire Rapids)
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
 
 RESPSERVE_AMX __m512 widen(__m256bh part) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(part)), 16));

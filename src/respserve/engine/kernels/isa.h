@@ -7,9 +7,9 @@ namespace respserve {
 // which every build assumes (cpu_kernels.py builds nothing on CPUs without them).
 bool use_avx512();
 
-// AMX (tiles and their bf16 dot products) for the bf16 matmul, where the CPU has it, the compiler knows
-// it and the kernel lets this process use the tile registers, unless RESPSERVE_CPU_KERNEL_ISA names
-// avx512 or avx2. Only with AVX-512: every CPU with AMX has it.
+// AMX (tiles and their bf16 dot products) for the bf16 matmul and the prompt-chunk attention, where the
+// CPU has it, the compiler knows it and the kernel lets this process use the tile registers, unless
+// RESPSERVE_CPU_KERNEL_ISA names avx512 or avx2. Only with AVX-512: every CPU with AMX has it.
 bool use_amx();
 
 }  // namespace respserve
