@@ -325,11 +325,12 @@ def chunk_attention_in_float64(
 @pytest.mark.parametrize(
     ("head_dim", "heads", "kv_heads", "first", "tokens", "window"),
     [
-        (64, 9, 3, 2096, 45, 0),  # the next turn of a long conversation, in SmolLM2's shapes
-        (64, 9, 3, 0, 600, 0),  # a prompt from its start, over more than one span of keys (AMX: 512)
-        (32, 4, 4, 7, 19, 6),
-        (128, 8, 2, 600, 70, 0),
-        (96, 6, 3, 1000, 33, 200),  # a sliding window that starts inside the chunk's context
+        (64, 9, 3, 2096, 45, 0),  # the next turn of a long conversation, in SmolLM2's shapes (AMX: vectors)
+        (64, 9, 3, 2096, 180, 0),  # the same with more new tokens (AMX: tiles, the last task in part)
+        (64, 9, 3, 0, 600, 0),  # a prompt from its start, over many spans of keys
+        (32, 4, 4, 7, 530, 6),
+        (128, 8, 2, 600, 270, 0),
+        (96, 6, 3, 1000, 260, 200),  # a sliding window that starts inside the chunk's context
         (64, 4, 1, 1500, 1, 0),
         (80, 2, 1, 100, 5, 0),  # 80: 16-wide vectors, not 32-wide tiles
     ],
@@ -337,8 +338,9 @@ def chunk_attention_in_float64(
 def test_the_chunk_kernel_holds_float32_accuracy_over_long_contexts(
     head_dim: int, heads: int, kv_heads: int, first: int, tokens: int, window: int
 ) -> None:
-    """Whichever path this CPU takes (AMX tiles for head sizes that are multiples of 32), against float64,
-    with the sequence's slots scattered over a pool whose other slots hold NaN."""
+    """Whichever path this CPU takes (AMX tiles for head sizes that are multiples of 32 and chunks of at
+    least 512 rows per KV head), against float64, with the sequence's slots scattered over a pool whose
+    other slots hold NaN."""
     torch.manual_seed(7)
     length = first + tokens
     pool = [torch.full((2 * length + 64, kv_heads, head_dim), float("nan")) for _ in range(2)]

@@ -10,8 +10,8 @@
 // vector, no transposed keys. Keys go N at a time, with the running (online) softmax of flash attention;
 // masked scores are dropped by selection, so they weigh exactly 0.
 //
-// Where isa.h chose AMX and the head size is a multiple of 32, amx_attention.cpp computes it on the tiles
-// instead.
+// Where isa.h chose AMX, a chunk of many tokens whose head size is a multiple of 32 goes to the tiles
+// instead (amx_attention.cpp).
 //
 // Measured 2026-12-04 on the Zen 5 EPYC (9 heads, 3 KV heads, 64 wide, 2 threads, a layer, best of 5): 45
 // new tokens after 2,096 cached ones, SDPA over the gathered keys with its mask 2.1 ms, this 1.1 ms; a
@@ -167,7 +167,7 @@ at::Tensor paged_chunk_attention(const at::Tensor& query, const at::Tensor& keys
     TORCH_CHECK(table[j] >= 0 && table[j] < pool, "paged_chunk_attention: slot ", table[j], " outside the pool");
   }
   at::Tensor out = at::empty_like(query);
-  if (respserve::use_amx() && respserve::amx_chunk_attention_takes(D)) {
+  if (respserve::use_amx() && respserve::amx_chunk_attention_takes(D, tokens * (heads / kv_heads))) {
     respserve::amx_chunk_attention({query.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), table,
                                     tokens, heads, kv_heads, D, first, window, static_cast<float>(scale),
                                     out.data_ptr<float>()});
