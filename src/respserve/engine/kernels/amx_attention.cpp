@@ -16,10 +16,11 @@
 // operands.
 //
 // Measured 2026-12-07 on a 2-core Intel Xeon with AMX (SmolLM2's 9 heads, 3 KV heads, 64 wide; 2 threads;
-// a layer; best and median of four processes, against the AVX-512 build): 45 new tokens after 2,096 cached
-// ones 1.06 / 1.16 against 1.24 / 1.26 ms; a 512-token prompt 1.44 / 1.46 against 1.82 / 1.89 ms; 2,048
-// tokens after 2,048 59.8 / 64.0 against 69.5 / 76.1 ms. What is left is mostly reading the packed keys and
-// values from L2 (each tile is read for one or two multiplies), the softmax and the packing.
+// one layer, its keys hot in cache; best and median of four processes, against the AVX-512 build): 45 new
+// tokens after 2,096 cached ones 1.29 / 1.33 against 1.38 / 1.40 ms; a 512-token prompt 1.64 / 1.70
+// against 2.04 / 2.12 ms; 2,048 tokens after 2,048 67.7 / 71.4 against 78.7 / 80.7 ms. What is left is
+// mostly reading the packed keys and values from L2 (each tile is read for two multiplies), the softmax
+// and the packing, which is why few rows stay on AVX-512 (amx_attention.h).
 
 #include "amx_attention.h"
 
