@@ -35,7 +35,6 @@
 
 #include "amx_tiles.h"
 #include "isa.h"
-#include "vectors.h"
 
 namespace respserve {
 
