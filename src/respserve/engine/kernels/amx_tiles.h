@@ -1,8 +1,6 @@
 // What the AMX kernels share (amx_linear.cpp, amx_attention.cpp): the tiles' shape and configuration.
 #pragma once
 
-#include <immintrin.h>
-
 #include <cstdint>
 
 #include "isa.h"
@@ -11,9 +9,9 @@
 
 namespace respserve {
 
-constexpr int64_t kTileRows = 16;     // rows of a tile
-constexpr int64_t kTileBytes = 64;    // bytes of a tile's row: 16 float32 sums, or 32 bf16 values of k
-constexpr int64_t kParts = 3;         // bf16 parts of a float32
+constexpr int64_t kTileRows = 16;   // rows of a tile
+constexpr int64_t kTileBytes = 64;  // bytes of a tile's row: 16 float32 sums, or 32 bf16 values of k
+constexpr int64_t kParts = 3;       // bf16 parts of a float32
 
 // The layout _tile_loadconfig reads (palette 1: eight tiles).
 struct alignas(64) TileConfig {
