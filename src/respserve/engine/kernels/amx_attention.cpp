@@ -35,6 +35,7 @@
 
 #include "amx_tiles.h"
 #include "isa.h"
+#include "vectors.h"
 
 namespace respserve {
 
@@ -48,7 +49,6 @@ constexpr int64_t kColumns = 16;   // columns of a tile of sums: keys of a score
 constexpr int64_t kBlock = 32;     // keys scored at once (two score tiles for each tile of rows)
 constexpr int64_t kSpan = 128;     // keys a task scores before weighing their values (measured: 512 and 256 slower)
 constexpr int64_t kTileElements = kTileRows * kTileBytes / 2;  // bf16 values of a packed tile
-constexpr float kNever = -1e30f;  // the running maximum before any key: finite, so rescaling never makes NaN
 
 // Tiles: 0-3 sums, tile 2 r + t the product of left tile r (4 + r) and right tile t (6 + t). The left
 // tiles hold a part of two tiles of query rows (Q's, or P's), the right ones a part of two tiles of keys
@@ -223,24 +223,6 @@ struct Scratch {
   float* out;         // [32][D]: the rows' outputs so far
 };
 
-// e^x for x <= 0 (a score less the running maximum), to about 2 ulp: Cephes' expf polynomial, as
-// vectors.h's, with AVX-512's rounding and scaling by 2^n in one instruction each.
-RESPSERVE_AMX __m512 exp_of_negative(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f),
-                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Which of keys [key0, key0 + 16) a row that sees keys [lowest, position] sees.
 RESPSERVE_AMX __mmask16 seen_keys(int64_t key0, int64_t lowest, int64_t position) {
   if (key0 >= lowest && key0 + 15 <= position) return 0xFFFF;  // most keys of a long context
@@ -305,7 +287,7 @@ RESPSERVE_AMX void attend_rows(const ChunkAttention& c, const Packed& k, int64_t
         for (int64_t half = 0; half < 2; ++half) {
           const int64_t key = j + 16 * half;
           const __mmask16 seen = seen_keys(span0 + key, lowest[i], position[i]);
-          p[half] = _mm512_maskz_mov_ps(seen, exp_of_negative(_mm512_sub_ps(_mm512_loadu_ps(score + key), shift)));
+          p[half] = _mm512_maskz_mov_ps(seen, exp<16>(_mm512_sub_ps(_mm512_loadu_ps(score + key), shift)));
           sum = _mm512_add_ps(sum, p[half]);
         }
         store_parts(p[0], p[1], s.weights + i * kSpan + j, kRows * kSpan);

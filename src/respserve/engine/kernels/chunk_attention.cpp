@@ -35,10 +35,10 @@
 namespace {
 
 using respserve::Ints;
+using respserve::kNever;
 using respserve::Vec;
 
 constexpr int64_t kMaxWidth = 256;
-constexpr float kNever = -1e30f;  // the running maximum before any key: finite, so rescaling never makes NaN
 constexpr int kAcross = 8;        // output elements summed at once; divides every head size taken (multiples of 8)
 
 struct Chunk {

@@ -33,6 +33,9 @@ using Ints = typename VecOf<N>::ints;
 
 #define RESPSERVE_INLINE inline __attribute__((always_inline))
 
+// The running maximum of an online softmax before any key: finite, so rescaling never makes NaN.
+constexpr float kNever = -1e30f;
+
 template <int N>
 RESPSERVE_INLINE Vec<N> load(const float* p) {
   Vec<N> v;
