@@ -12,6 +12,11 @@ this 2-core machine respserve served 1.7x the tokens/s ten minutes after a first
 ratio is taken between measurements seconds apart, never between the start and the end of the run. On a
 GPU, whose memory one server claims, they run one after the other, once.
 
+On the CPU, once the rounds are done, the peers are stopped and respserve alone runs the engine's
+scenarios (bench_engine.py: long `previous_response_id` chains, a long prompt among decoding streams); the
+run then prints the engine issue's targets (bench_targets.py) with what it measured of each: throughput
+and TTFT against vLLM's CPU build, the chains, the long prompt, respserve's memory, its KV pool's size.
+
 Prints one table with respserve/peer ratios and writes JSON and a PNG plot. vLLM is installed on first use
 into a venv of its own under the cache dir (bench_peers.py); a server that cannot be installed or started
 here is reported unavailable, with the reason, and the run goes on.
@@ -38,14 +43,16 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
-# scripts/ is on the path when run as a script. ServerProcess is imported from here by bench_images.py and
-# load_test.py too.
+# scripts/ is on the path when run as a script.
+from bench_engine import run as run_scenarios
 from bench_peers import SERVERS, PeerUnavailable, ServerProcess, parse_server_list, server_spec
+from bench_streams import RequestResult, percentile, stream_one
+from bench_targets import ResidentPeak, check, pool_bytes_per_token, print_targets, resident_bytes
 
 PROMPTS = [
     "Count from one to one thousand, in words, separated by commas.",
@@ -92,15 +99,6 @@ RANDOM_SHAPES = {
 
 
 @dataclass
-class RequestResult:
-    ttft: float
-    latency: float
-    output_tokens: int
-    inter_token: list[float] = field(default_factory=list)
-    input_tokens: int = 0  # as the server's usage counts them (chat template included); 0 if not reported
-
-
-@dataclass
 class RunResult:
     server: str
     concurrency: int
@@ -121,45 +119,6 @@ class RunResult:
     @property
     def requests_per_s(self) -> float:
         return self.requests / self.wall_s
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-async def stream_response(client: httpx.AsyncClient, body: dict) -> tuple[float, list[float], dict]:
-    """POSTs `body` as a streamed response: when it was sent, when each text delta arrived, and the final
-    resource (from response.completed, or response.incomplete when max tokens cut it; {} if neither came)."""
-    started = time.perf_counter()
-    arrivals: list[float] = []
-    final: dict = {}
-    async with client.stream("POST", "/v1/responses", json={**body, "stream": True}) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: ") :])
-            if event["type"] == "response.output_text.delta":
-                arrivals.append(time.perf_counter())
-            elif event["type"] in ("response.completed", "response.incomplete"):
-                final = event["response"]
-    return started, arrivals, final
-
-
-async def stream_one(
-    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, sampling: dict | None = None
-) -> RequestResult:
-    body = {"model": model, "input": prompt, "temperature": 0, "max_output_tokens": max_tokens, **(sampling or {})}
-    started, arrivals, final = await stream_response(client, body)
-    finished = time.perf_counter()
-    usage = final.get("usage") or {}
-    output_tokens = usage.get("output_tokens") or len(arrivals)
-    ttft = (arrivals[0] if arrivals else finished) - started
-    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
-    return RequestResult(ttft, finished - started, output_tokens, gaps, usage.get("input_tokens") or 0)
 
 
 async def probe_health(client: httpx.AsyncClient, stop: asyncio.Event, latencies: list[float]) -> None:
@@ -510,6 +469,14 @@ def start_server(
     return server
 
 
+def engine_scenarios(port: int, folder: Path) -> tuple[dict, float | None]:
+    """bench_engine.py's scenarios on respserve, then its KV pool's bytes per token slot."""
+    print("the engine's scenarios (bench_engine.py), respserve alone:", flush=True)
+    base_url = f"http://127.0.0.1:{port}"
+    scenarios = asyncio.run(run_scenarios(base_url, str(folder)))
+    return scenarios, pool_bytes_per_token(base_url)
+
+
 def as_json(result: RunResult) -> dict[str, object]:
     return asdict(result) | {"tokens_per_s": result.tokens_per_s, "requests_per_s": result.requests_per_s}
 
@@ -537,6 +504,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8123, help="the first server's; the others take the next ones")
     parser.add_argument(
         "--rounds", type=int, help="CPU: rounds over all servers, up at once (default 3); GPU: 1, one at a time"
+    )
+    parser.add_argument(
+        "--no-scenarios", action="store_true", help="CPU: skip the engine's scenarios and targets after the rounds"
     )
     args = parser.parse_args()
     # A SIGTERM (`timeout`, a CI cancel) unwinds like Ctrl-C, so the servers started below are stopped too:
@@ -579,15 +549,21 @@ def main() -> None:
     args.rounds = args.rounds or (1 if device == "cuda" else 3)
     if device == "cuda" and args.rounds > 1:
         parser.error("--rounds > 1 keeps every server up at once, which one GPU's memory does not hold")
+    scenarios: dict = {}
+    idle_rss = peak_rss = 0
+    pool: float | None = None
     with contextlib.ExitStack() as stack:
         ports: dict[str, int] = {}
         groups: dict[str, int] = {}
+        kept: dict[str, contextlib.ExitStack] = {}
         for index, name in enumerate(args.peers):
             port = args.port + index
             with contextlib.ExitStack() as own:
                 server = start_server(name, folder, port, device, dtype, cache_dir, args, unavailable, timings, own)
                 if server is None:
                     continue
+                if name == "respserve":
+                    idle_rss = resident_bytes(server.process.pid)  # type: ignore[union-attr]
                 try:
                     warm_up(name, port, str(folder), max(args.concurrency))
                     if args.rounds == 1:  # one at a time: measured, then stopped before the next one starts
@@ -597,12 +573,18 @@ def main() -> None:
                     unavailable[name] = f"{type(error).__name__}: {error}"
                     continue
                 ports[name], groups[name] = port, server.process.pid  # type: ignore[union-attr]
-                stack.enter_context(own.pop_all())  # kept up until every round is done
+                kept[name] = stack.enter_context(own.pop_all())  # kept up until every round is done
         if ports:
-            rounds, idle_cpu = measure_rounds(ports, groups, str(folder), args, unavailable)
+            with ResidentPeak(groups.get("respserve")) as rss:
+                rounds, idle_cpu = measure_rounds(ports, groups, str(folder), args, unavailable)
+            peak_rss = rss.peak
             results, ratios = median_round(rounds)
         else:
             ratios = peer_ratios(results)
+        if "respserve" in ports and "respserve" not in unavailable and not args.no_scenarios:
+            for name in ports.keys() - {"respserve"}:  # stopped: the scenarios measure respserve alone
+                kept[name].close()
+            scenarios, pool = engine_scenarios(ports["respserve"], folder)
 
     print()
     if args.rounds > 1:
@@ -649,6 +631,24 @@ def main() -> None:
                 f" {context:.0f} tokens), {steps_per_s:.0f} steps/s = {fraction:.0%} of the roofline"
             )
             summary["roofline"][str(r.concurrency)] = {"step_bytes": step_bytes, "fraction": fraction}
+    if scenarios:
+        from transformers import AutoConfig
+
+        from respserve.engine.kv_cache import kv_bytes_per_token
+
+        per_token = kv_bytes_per_token(AutoConfig.from_pretrained(folder).get_text_config(), getattr(torch, dtype))
+        print(
+            f"\nrespserve: RSS idle {idle_rss / 2**20:,.0f} MB, at most {peak_rss / 2**20:,.0f} MB while measured;"
+            f" KV pool {pool:,.0f} bytes a token slot, the model's keys and values {per_token:,}"
+        )
+        targets = check(ratios, scenarios, idle_rss, peak_rss, pool, per_token)
+        print_targets(targets)
+        summary |= {
+            "engine_scenarios": scenarios,
+            "rss": {"idle": idle_rss, "peak_while_measured": peak_rss},
+            "kv_bytes_per_token": {"pool": pool, "model": per_token},
+            "targets": [target.as_json() for target in targets],
+        }
     (args.out / "bench.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {args.out / 'bench.json'}")
     if unavailable:

@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import stream_response  # noqa: E402
 from bench_peers import ServerProcess  # noqa: E402
+from bench_streams import stream_response  # noqa: E402
 
 LABELS = ("Note", "Entry", "Record")  # one chain each: no chain's prompts are cached from another's
 FRESH_WORDS = ("Harbour", "Lighthouse", "Orchard")  # the fresh prompts, distinct from their first words

@@ -25,7 +25,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import ServerProcess, percentile, stream_one  # noqa: E402
+from bench_peers import ServerProcess  # noqa: E402
+from bench_streams import percentile, stream_one  # noqa: E402
 from random_pipelines import build  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"

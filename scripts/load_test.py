@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from bench import ServerProcess  # scripts/ is on the path when run as a script
+from bench_peers import ServerProcess  # scripts/ is on the path when run as a script
 
 PROMPTS = ["Say hello.", "Name a color.", "Count to five.", "What is the capital of France?", "Tell a joke."]
 

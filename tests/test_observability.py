@@ -31,6 +31,11 @@ def test_metrics_count_requests_tokens_and_latencies(http, server: RunningServer
     assert 'respserve:http_requests_total{method="POST",route="/v1/responses",status="400"}' in text
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_tokens", "gpu_memory_bytes"):
         _sample(text, f"respserve:{gauge}")
+    # The pool's size, from which scripts/bench.py checks its bytes per token: the model's keys and values.
+    config = server.state.default_model.worker.pipeline.model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    slots = _sample(text, "respserve:kv_cache_capacity_tokens")
+    assert slots > 0 and _sample(text, "respserve:kv_cache_bytes") == slots * per_token
 
 
 def test_request_ids_and_log_lines(http, caplog: pytest.LogCaptureFixture) -> None:

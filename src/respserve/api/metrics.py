@@ -42,6 +42,12 @@ class Metrics:
         self._kv_tokens = Gauge(
             "respserve:kv_cache_tokens", "Token positions held in the running batch's KV cache.", registry=registry
         )
+        self._kv_capacity = Gauge(
+            "respserve:kv_cache_capacity_tokens", "Token slots in the KV pool.", registry=registry
+        )
+        self._kv_bytes = Gauge(
+            "respserve:kv_cache_bytes", "Bytes of the KV pool: every layer's keys and values.", registry=registry
+        )
         self._gpu_memory = Gauge("respserve:gpu_memory_bytes", "GPU memory allocated by the worker.", registry=registry)
         self._images_running = Gauge(
             "respserve:image_requests_running", "Image requests in the current pipeline call.", ["model"],
@@ -61,6 +67,8 @@ class Metrics:
         self._running.set_function(lambda: worker.num_running)
         self._waiting.set_function(lambda: worker.num_queued)
         self._kv_tokens.set_function(lambda: worker.kv_cache_tokens)
+        self._kv_capacity.set(worker.kv_cache.num_blocks * worker.kv_cache.block_size)
+        self._kv_bytes.set(worker.kv_cache.num_bytes)
         self._gpu_memory.set_function(lambda: worker.gpu_memory_bytes)
 
     def watch_images(self, model: str, worker: ImageWorker) -> None:
