@@ -584,6 +584,7 @@ def main() -> None:
         if "respserve" in ports and "respserve" not in unavailable and not args.no_scenarios:
             for name in ports.keys() - {"respserve"}:  # stopped: the scenarios measure respserve alone
                 kept[name].close()
+            settle(groups)  # and what is left of the peers' processes (vLLM's engine) quiet or gone
             scenarios, pool = engine_scenarios(ports["respserve"], folder)
 
     print()

@@ -257,6 +257,32 @@ def test_block_manager_shares_published_prefixes_and_evicts_the_least_recently_r
     assert blocks.num_used == 3
 
 
+def test_freed_blocks_are_reused_before_blocks_never_used() -> None:
+    """The pool is allocated untouched: a block never used costs no memory until it is first written, so
+    blocks freed unpublished (a partial last block, a block already cached under another id) come back
+    first, and a server's resident memory stops growing once its load and cache fit (it used to creep up
+    by the KV of every request, until the whole pool was resident)."""
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    touched: set[int] = set()
+    for n in range(20):
+        # The same prompt each time (its full blocks cached), then an answer of its own: published, and a
+        # partial block freed unpublished.
+        request = TextTokens([*range(8), *range(1000 + 10 * n, 1000 + 10 * n + 6)])
+        assert blocks.allocate(request)
+        touched.update(request.block_table)
+        request.num_computed = len(request.token_ids)
+        blocks.publish(request)
+        blocks.free(request)
+    repeated = TextTokens([*range(8), 5000, 5001, 5002])  # unpublished: the same block over and over
+    for _ in range(10):
+        assert blocks.allocate(repeated)
+        touched.update(repeated.block_table)
+        blocks.free(repeated)
+    # Two cached prompt blocks, then per request one published answer block and one partial block, which
+    # the next request reuses; the repeated request takes the partial block of the last one.
+    assert len(touched) == 2 + 20 + 1
+
+
 def test_kv_bytes_per_token_are_exactly_the_models_keys_and_values(server: RunningServer) -> None:
     worker = server.state.default_model.worker
     config = worker.pipeline.model.config

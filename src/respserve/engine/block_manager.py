@@ -55,7 +55,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._blocks = [_Block() for _ in range(num_blocks)]
-        self._free: deque[int] = deque(range(1, num_blocks))  # never published, or evicted
+        self._free: deque[int] = deque(range(1, num_blocks))  # never published, or evicted; taken from the left
         self._by_hash: dict[int, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()  # published, unheld: evictable, oldest first
 
@@ -105,7 +105,9 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 if block.hash is None:
-                    self._free.append(block_id)
+                    # Reused next, before blocks never used yet: the pool's untouched pages stay untouched
+                    # (out of the resident set) until the blocks in use and cached really need them.
+                    self._free.appendleft(block_id)
                 else:
                     self._idle[block_id] = None
         seq.block_table.clear()
