@@ -155,6 +155,7 @@ def test_the_narrower_paths_pass_the_kernel_tests_on_a_wider_cpu(path: str) -> N
         "test_the_decode_kernel_attends_as_gathering_and_sdpa_do",
         "test_the_chunk_kernel_attends_as_gathering_and_sdpa_do",
         "test_the_chunk_kernel_holds_float32_accuracy_over_long_contexts",
+        "test_the_decode_kernel_holds_float32_accuracy_over_long_contexts",
     ]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", " or ".join(tests)],
@@ -352,6 +353,47 @@ def test_the_chunk_kernel_holds_float32_accuracy_over_long_contexts(
     out = torch.ops.respserve.paged_chunk_attention(query, *pool, slots, first, scale, window)
     expected = chunk_attention_in_float64(query, keys, values, first, scale, window)
     torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("head_dim", "heads", "kv_heads", "window"),
+    [
+        (64, 9, 3, 0),  # SmolLM2: three query heads weigh each value row together
+        (64, 9, 3, 700),
+        (128, 8, 1, 0),  # eight heads to a KV head: two passes of four with AVX-512
+        (128, 28, 4, 0),  # seven: one pass of four, then three one at a time
+        (80, 2, 1, 0),  # AVX-512's 16-wide vectors, AVX2's 8 wide
+        (24, 4, 2, 0),  # AVX2's vectors on any CPU
+        (20, 4, 2, 0),  # the plain loop
+    ],
+)
+def test_the_decode_kernel_holds_float32_accuracy_over_long_contexts(
+    head_dim: int, heads: int, kv_heads: int, window: int
+) -> None:
+    """Rows of lengths around whole vectors and far past the prefetch distance, against float64, with the
+    slots scattered over a pool whose other slots hold NaN."""
+    torch.manual_seed(11)
+    lengths = [1, 15, 16, 17, 2100, 4099]
+    total, width = sum(lengths), max(lengths)
+    pool = [torch.full((2 * total + 64, kv_heads, head_dim), float("nan")) for _ in range(2)]
+    scattered = torch.randperm(2 * total + 64)[:total]
+    pool[0][scattered] = torch.randn(total, kv_heads, head_dim)
+    pool[1][scattered] = torch.randn(total, kv_heads, head_dim)
+    slots = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, mine in enumerate(scattered.split(lengths)):
+        slots[row, : len(mine)] = mine
+    query = torch.randn(len(lengths), heads, head_dim)
+    scale = head_dim**-0.5
+    out = torch.ops.respserve.paged_decode_attention(query, *pool, slots, torch.tensor(lengths), scale, window)
+    for row, length in enumerate(lengths):
+        first = max(0, length - window) if window else 0
+        seen = slots[row, first:length]
+        # The row's query is the last of its sequence: every key from `first` on is causal for it.
+        expected = chunk_attention_in_float64(
+            query[row : row + 1], pool[0][seen], pool[1][seen], len(seen) - 1, scale, 0
+        )
+        torch.testing.assert_close(out[row : row + 1].double(), expected, atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("compiler", ["no-such-compiler", "false"])  # none on the PATH, or one that fails
