@@ -209,6 +209,16 @@ def hbm_copy_bandwidth() -> float:
     return 2 * source.numel() * repeats / (time.perf_counter() - started)
 
 
+def model_kv_bytes_per_token(folder: Path, dtype: str) -> int:
+    """What a cached token's keys and values take for the model in `folder` (kv_cache.py's formula)."""
+    import torch
+    from transformers import AutoConfig
+
+    from respserve.engine.kv_cache import kv_bytes_per_token
+
+    return kv_bytes_per_token(AutoConfig.from_pretrained(folder).get_text_config(), getattr(torch, dtype))
+
+
 def weight_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
@@ -612,12 +622,8 @@ def main() -> None:
     }
     if device == "cuda":
         bandwidth = hbm_copy_bandwidth()
-        from transformers import AutoConfig
-
-        from respserve.engine.kv_cache import kv_bytes_per_token
-
         size = weight_bytes(folder)
-        per_token = kv_bytes_per_token(AutoConfig.from_pretrained(folder).get_text_config(), getattr(torch, dtype))
+        per_token = model_kv_bytes_per_token(folder, dtype)
         print(f"\nHBM copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights {size / 1e9:.2f} GB")
         summary |= {"hbm_bandwidth": bandwidth, "weight_bytes": size, "kv_bytes_per_token": per_token, "roofline": {}}
         for r in (r for r in results if r.server == "respserve"):
@@ -633,14 +639,11 @@ def main() -> None:
             )
             summary["roofline"][str(r.concurrency)] = {"step_bytes": step_bytes, "fraction": fraction}
     if scenarios:
-        from transformers import AutoConfig
-
-        from respserve.engine.kv_cache import kv_bytes_per_token
-
-        per_token = kv_bytes_per_token(AutoConfig.from_pretrained(folder).get_text_config(), getattr(torch, dtype))
+        per_token = model_kv_bytes_per_token(folder, dtype)
         print(
             f"\nrespserve: RSS idle {idle_rss / 2**20:,.0f} MB, at most {peak_rss / 2**20:,.0f} MB while measured;"
-            f" KV pool {pool:,.0f} bytes a token slot, the model's keys and values {per_token:,}"
+            f" KV pool {'not reported' if pool is None else f'{pool:,.0f}'} bytes a token slot, the model's"
+            f" keys and values {per_token:,}"
         )
         targets = check(ratios, scenarios, idle_rss, peak_rss, pool, per_token)
         print_targets(targets)
